@@ -1,0 +1,13 @@
+//! The Tardis client: everything that touches the backed-up machine's file system.
+//!
+//! - [`fsmeta`]: reading an entry's metadata (`lstat`, owners, xattrs), change detection and the
+//!   data regions of sparse files.
+//! - [`exclude`]: which entries a backup leaves out (pattern files, skip files, `CACHEDIR.TAG`).
+//! - [`restore`]: writing entries and their metadata back to disk for `regenerate`.
+
+mod error;
+pub mod exclude;
+pub mod fsmeta;
+pub mod restore;
+
+pub use error::{Error, Result};

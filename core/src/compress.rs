@@ -1,0 +1,65 @@
+//! zstd compression with a stored-uncompressed fallback.
+//!
+//! Already-compressed data (media, archives, encrypted files) does not shrink, and storing
+//! zstd's slightly larger output would waste both space and read-time CPU, so a chunk is kept
+//! compressed only when that saves at least 1/64 of its size.
+
+use crate::{Error, Result};
+
+/// zstd level used for new chunks: level 3 is zstd's own default and the best
+/// throughput-to-ratio point for a backup that must keep up with the disk.
+pub const LEVEL: i32 = 3;
+
+/// Compresses `data`; returns `None` when storing it raw is better.
+pub fn compress(data: &[u8]) -> Result<Option<Vec<u8>>> {
+    if data.len() < 64 {
+        return Ok(None);
+    }
+    let out = zstd::bulk::compress(data, LEVEL).map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
+    Ok((out.len() < data.len() - data.len() / 64).then_some(out))
+}
+
+/// Decompresses into exactly `plain_len` bytes, refusing anything that would exceed it, so a
+/// hostile frame cannot make the reader allocate more than the declared chunk size.
+pub fn decompress(data: &[u8], plain_len: usize) -> Result<Vec<u8>> {
+    let out = zstd::bulk::decompress(data, plain_len).map_err(|e| Error::malformed("zstd frame", e))?;
+    if out.len() != plain_len {
+        return Err(Error::malformed("zstd frame", format!("{} bytes, expected {plain_len}", out.len())));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn incompressible_data_is_stored_raw() {
+        let noise: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let text = b"tardis ".repeat(10_000);
+        assert!(compress(&text).unwrap().is_some());
+        let c = compress(&noise).unwrap();
+        if let Some(c) = c {
+            assert!(c.len() < noise.len());
+        }
+    }
+
+    #[test]
+    fn declared_size_bounds_output() {
+        let text = b"abc".repeat(10_000);
+        let c = compress(&text).unwrap().unwrap();
+        assert!(decompress(&c, 100).is_err());
+        assert!(decompress(&c, text.len() + 1).is_err());
+        assert_eq!(decompress(&c, text.len()).unwrap(), text);
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(data in proptest::collection::vec(0u8..4, 0..20_000)) {
+            if let Some(c) = compress(&data).unwrap() {
+                prop_assert_eq!(decompress(&c, data.len()).unwrap(), data);
+            }
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The events of a host's repository log.
+//!
+//! Each event is one record in a segment: a one-byte kind (numeric tags below, never reused),
+//! a one-byte payload version, a MessagePack payload ("meta") and, for chunks only, a body
+//! holding the stored chunk bytes. Payload structs are encoded as MessagePack arrays; fields
+//! are only ever added at the end with `#[serde(default)]`, so older records keep decoding.
+//!
+//! What the server can read in the clear is exactly what it needs to check references and run
+//! retention: set numbers, names, priorities and times, chunk IDs and lengths, and the opaque
+//! directory/name keys of entries. Names, modes, owners, times and xattrs of files are inside
+//! the sealed `meta` of [`FileVersion`].
+
+use crate::ids::{ChunkId, DirId, HostId, NameKey, SetId};
+use crate::{Error, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// Numeric record kinds. Part of the on-disk format: never renumber or reuse.
+pub mod kind {
+    /// End of an atomic batch (framing; defined by the `log` crate).
+    pub const BATCH_COMMIT: u8 = 1;
+    pub const HOST_CREATED: u8 = 10;
+    pub const KEY_WRAPPED: u8 = 11;
+    pub const SET_OPENED: u8 = 20;
+    pub const SET_COMPLETED: u8 = 21;
+    pub const SET_PURGED: u8 = 22;
+    pub const CHUNK_STORED: u8 = 30;
+    pub const FILE_VERSION: u8 = 40;
+    pub const ENTRY_DELETED: u8 = 41;
+    pub const CONFIG_CHANGED: u8 = 50;
+    pub const SEGMENTS_COMPACTED: u8 = 60;
+}
+
+/// Payload version written by this build for every kind.
+pub const PAYLOAD_VERSION: u8 = 1;
+
+/// A host's repository came into being.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCreated {
+    pub host_id: HostId,
+    pub name: String,
+    /// Unix time in nanoseconds.
+    pub created: i64,
+    pub encrypted: bool,
+}
+
+/// The master key, wrapped with the host's password (see `keywrap`). The latest one wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyWrapped {
+    pub blob: ByteBuf,
+}
+
+/// A backup set was started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetOpened {
+    pub set: SetId,
+    pub name: String,
+    pub priority: u32,
+    /// Unix time in nanoseconds.
+    pub started: i64,
+    /// The completed set this one records changes against, if any.
+    pub base: Option<SetId>,
+}
+
+/// Totals of a completed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SetStats {
+    /// Entries in the set.
+    pub entries: u64,
+    /// Bytes of file data in the set.
+    pub bytes: u64,
+    /// Entries whose version was written by this set.
+    pub changed: u64,
+    /// Chunks this set added to the repository, and their stored size.
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+}
+
+/// The commit point of a set: it exists (and is shown) once this record is durable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetCompleted {
+    pub set: SetId,
+    /// Unix time in nanoseconds.
+    pub finished: i64,
+    pub stats: SetStats,
+}
+
+/// A set was removed by purge; its records become garbage for compaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetPurged {
+    pub set: SetId,
+    pub time: i64,
+}
+
+/// The metadata of a stored chunk; the stored bytes are the record's body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkStored {
+    pub id: ChunkId,
+    pub plain_len: u32,
+    /// `chunkcodec::ENC_*` flags.
+    pub encoding: u8,
+}
+
+/// One piece of a file's data: `len` bytes at `offset` are chunk `id`. Gaps between extents
+/// are holes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u32,
+    pub id: ChunkId,
+}
+
+/// A new version of a directory entry, valid from `set` until a later version or deletion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileVersion {
+    pub set: SetId,
+    pub dir: DirId,
+    pub name: NameKey,
+    pub extents: Vec<Extent>,
+    /// `meta::FileMeta`, sealed with the entry's identity on encrypted hosts.
+    pub meta: ByteBuf,
+}
+
+/// A directory entry stops existing from `set` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryDeleted {
+    pub set: SetId,
+    pub dir: DirId,
+    pub name: NameKey,
+}
+
+/// A per-host configuration value was set (or removed, with `None`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigChanged {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+/// Compaction copied the live records of `retired` into `created`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentsCompacted {
+    pub retired: Vec<u64>,
+    pub created: Vec<u64>,
+}
+
+/// Any event of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    HostCreated(HostCreated),
+    KeyWrapped(KeyWrapped),
+    SetOpened(SetOpened),
+    SetCompleted(SetCompleted),
+    SetPurged(SetPurged),
+    ChunkStored(ChunkStored),
+    FileVersion(FileVersion),
+    EntryDeleted(EntryDeleted),
+    ConfigChanged(ConfigChanged),
+    SegmentsCompacted(SegmentsCompacted),
+}
+
+impl Event {
+    /// The record kind tag.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Event::HostCreated(_) => kind::HOST_CREATED,
+            Event::KeyWrapped(_) => kind::KEY_WRAPPED,
+            Event::SetOpened(_) => kind::SET_OPENED,
+            Event::SetCompleted(_) => kind::SET_COMPLETED,
+            Event::SetPurged(_) => kind::SET_PURGED,
+            Event::ChunkStored(_) => kind::CHUNK_STORED,
+            Event::FileVersion(_) => kind::FILE_VERSION,
+            Event::EntryDeleted(_) => kind::ENTRY_DELETED,
+            Event::ConfigChanged(_) => kind::CONFIG_CHANGED,
+            Event::SegmentsCompacted(_) => kind::SEGMENTS_COMPACTED,
+        }
+    }
+
+    /// The MessagePack payload.
+    pub fn encode(&self) -> Vec<u8> {
+        fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+            rmp_serde::to_vec(v).expect("event payloads serialise to MessagePack without fail")
+        }
+        match self {
+            Event::HostCreated(e) => enc(e),
+            Event::KeyWrapped(e) => enc(e),
+            Event::SetOpened(e) => enc(e),
+            Event::SetCompleted(e) => enc(e),
+            Event::SetPurged(e) => enc(e),
+            Event::ChunkStored(e) => enc(e),
+            Event::FileVersion(e) => enc(e),
+            Event::EntryDeleted(e) => enc(e),
+            Event::ConfigChanged(e) => enc(e),
+            Event::SegmentsCompacted(e) => enc(e),
+        }
+    }
+
+    /// Decodes a payload of the given kind and version. Unknown kinds and versions are errors.
+    pub fn decode(kind: u8, version: u8, payload: &[u8]) -> Result<Event> {
+        if version == 0 || version > PAYLOAD_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: "event payload",
+                version: version.into(),
+                supported: PAYLOAD_VERSION.into(),
+            });
+        }
+        fn dec<T: DeserializeOwned>(p: &[u8]) -> Result<T> {
+            rmp_serde::from_slice(p).map_err(|e| Error::malformed("event payload", e))
+        }
+        Ok(match kind {
+            kind::HOST_CREATED => Event::HostCreated(dec(payload)?),
+            kind::KEY_WRAPPED => Event::KeyWrapped(dec(payload)?),
+            kind::SET_OPENED => Event::SetOpened(dec(payload)?),
+            kind::SET_COMPLETED => Event::SetCompleted(dec(payload)?),
+            kind::SET_PURGED => Event::SetPurged(dec(payload)?),
+            kind::CHUNK_STORED => Event::ChunkStored(dec(payload)?),
+            kind::FILE_VERSION => Event::FileVersion(dec(payload)?),
+            kind::ENTRY_DELETED => Event::EntryDeleted(dec(payload)?),
+            kind::CONFIG_CHANGED => Event::ConfigChanged(dec(payload)?),
+            kind::SEGMENTS_COMPACTED => Event::SegmentsCompacted(dec(payload)?),
+            other => return Err(Error::malformed("event", format!("unknown record kind {other}"))),
+        })
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_id<const N: usize>() -> impl Strategy<Value = [u8; N]> {
+        proptest::collection::vec(any::<u8>(), N).prop_map(|v| v.try_into().unwrap())
+    }
+
+    pub fn arb_event() -> impl Strategy<Value = Event> {
+        let bytes = || proptest::collection::vec(any::<u8>(), 0..200).prop_map(ByteBuf::from);
+        prop_oneof![
+            (arb_id::<16>(), ".{0,20}", any::<i64>(), any::<bool>()).prop_map(|(h, name, created, encrypted)| {
+                Event::HostCreated(HostCreated { host_id: HostId(h), name, created, encrypted })
+            }),
+            bytes().prop_map(|blob| Event::KeyWrapped(KeyWrapped { blob })),
+            (any::<u64>(), ".{0,30}", any::<u32>(), any::<i64>(), any::<Option<u64>>()).prop_map(
+                |(set, name, priority, started, base)| Event::SetOpened(SetOpened {
+                    set,
+                    name,
+                    priority,
+                    started,
+                    base
+                })
+            ),
+            (any::<u64>(), any::<i64>(), any::<[u64; 5]>()).prop_map(|(set, finished, s)| Event::SetCompleted(
+                SetCompleted {
+                    set,
+                    finished,
+                    stats: SetStats { entries: s[0], bytes: s[1], changed: s[2], new_chunks: s[3], new_bytes: s[4] }
+                }
+            )),
+            (any::<u64>(), any::<i64>()).prop_map(|(set, time)| Event::SetPurged(SetPurged { set, time })),
+            (arb_id::<32>(), any::<u32>(), any::<u8>()).prop_map(|(id, plain_len, encoding)| Event::ChunkStored(
+                ChunkStored { id: ChunkId(id), plain_len, encoding }
+            )),
+            (
+                any::<u64>(),
+                arb_id::<16>(),
+                arb_id::<16>(),
+                proptest::collection::vec((any::<u64>(), any::<u32>(), arb_id::<32>()), 0..10),
+                bytes()
+            )
+                .prop_map(|(set, d, n, ex, meta)| Event::FileVersion(FileVersion {
+                    set,
+                    dir: DirId(d),
+                    name: NameKey(n),
+                    extents: ex.into_iter().map(|(offset, len, id)| Extent { offset, len, id: ChunkId(id) }).collect(),
+                    meta
+                })),
+            (any::<u64>(), arb_id::<16>(), arb_id::<16>()).prop_map(|(set, d, n)| Event::EntryDeleted(EntryDeleted {
+                set,
+                dir: DirId(d),
+                name: NameKey(n)
+            })),
+            (".{0,20}", proptest::option::of(".{0,20}"))
+                .prop_map(|(key, value)| Event::ConfigChanged(ConfigChanged { key, value })),
+            (proptest::collection::vec(any::<u64>(), 0..5), proptest::collection::vec(any::<u64>(), 0..5))
+                .prop_map(|(retired, created)| Event::SegmentsCompacted(SegmentsCompacted { retired, created })),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(e in arb_event()) {
+            let bytes = e.encode();
+            prop_assert_eq!(Event::decode(e.kind(), PAYLOAD_VERSION, &bytes).unwrap(), e);
+        }
+
+        #[test]
+        fn garbage_never_panics(kind in any::<u8>(), bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Event::decode(kind, PAYLOAD_VERSION, &bytes);
+        }
+    }
+
+    #[test]
+    fn unknown_kind_and_version_are_errors() {
+        let e = Event::SetPurged(SetPurged { set: 1, time: 2 });
+        assert!(matches!(Event::decode(99, 1, &e.encode()), Err(Error::Malformed { .. })));
+        assert!(matches!(Event::decode(e.kind(), 2, &e.encode()), Err(Error::UnsupportedVersion { .. })));
+    }
+}

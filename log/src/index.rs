@@ -1,0 +1,453 @@
+//! The RocksDB index: materialized views of the log, rebuildable by replaying it.
+//!
+//! Column families (key layouts in `docs/FORMAT.md`, "Index"):
+//! - `meta`: the log position the index reflects (`applied`), the host record, the wrapped key.
+//! - `chunks`: chunk ID → where its record is.
+//! - `sets`: set ID → name, priority, times, state, totals.
+//! - `entries`: (directory, name, first set) → the version written by that set, or a deletion.
+//!   A version stays valid for every later set until a later row for the same name; so an
+//!   unchanged file costs nothing per set.
+//! - `config`: per-host configuration values.
+//!
+//! Invariant: every write batch that changes the views also stores the log position it brings
+//! the index to, so a crash between log and index loses nothing (the tail is replayed) and a
+//! replay of already-applied records is harmless (every update is idempotent).
+
+use crate::error::{Error, Result};
+use crate::segments::Pos;
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::RwLock;
+use tardis_core::api::{EntryVersion, SetInfo, SetState};
+use tardis_core::event::{Event, FileVersion, HostCreated, SetStats};
+use tardis_core::ids::{ChunkId, DirId, NameKey, SetId};
+
+const CF_META: &str = "meta";
+const CF_CHUNKS: &str = "chunks";
+const CF_SETS: &str = "sets";
+const CF_ENTRIES: &str = "entries";
+const CF_CONFIG: &str = "config";
+const ALL_CFS: [&str; 5] = [CF_META, CF_CHUNKS, CF_SETS, CF_ENTRIES, CF_CONFIG];
+
+const KEY_APPLIED: &[u8] = b"applied";
+const KEY_FORMAT: &[u8] = b"format";
+const KEY_HOST: &[u8] = b"host";
+const KEY_WRAPPED: &[u8] = b"wrapped-key";
+
+/// Version of the index layout; an index of another version is rebuilt from the log.
+pub const INDEX_VERSION: u32 = 1;
+
+const ENTRY_DELETED: u8 = 0;
+const ENTRY_VERSION: u8 = 1;
+
+/// Where a chunk's record is, and its sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkLoc {
+    pub pos: Pos,
+    pub plain_len: u32,
+    pub stored_len: u32,
+    pub encoding: u8,
+}
+
+impl ChunkLoc {
+    fn encode(&self) -> [u8; 25] {
+        let mut b = [0u8; 25];
+        b[..8].copy_from_slice(&self.pos.segment.to_le_bytes());
+        b[8..16].copy_from_slice(&self.pos.offset.to_le_bytes());
+        b[16..20].copy_from_slice(&self.plain_len.to_le_bytes());
+        b[20..24].copy_from_slice(&self.stored_len.to_le_bytes());
+        b[24] = self.encoding;
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<Self> {
+        if b.len() != 25 {
+            return Err(bad_value("chunk location", b.len()));
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8-byte slice"));
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4-byte slice"));
+        Ok(ChunkLoc {
+            pos: Pos { segment: u64_at(0), offset: u64_at(8) },
+            plain_len: u32_at(16),
+            stored_len: u32_at(20),
+            encoding: b[24],
+        })
+    }
+}
+
+/// A set as the index keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetRow {
+    pub name: String,
+    pub priority: u32,
+    pub started: i64,
+    pub base: Option<SetId>,
+    pub finished: Option<i64>,
+    pub stats: SetStats,
+    pub purged: bool,
+}
+
+/// One event of a batch being applied, with where it was written and its body length.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub pos: Pos,
+    pub event: Event,
+    pub body_len: u32,
+}
+
+/// One key-value pair of a logical index dump: column family, key, value.
+pub type DumpRow = (&'static str, Vec<u8>, Vec<u8>);
+
+/// The index of one host's repository.
+#[derive(Debug)]
+pub struct Index {
+    db: DB,
+    /// Every set, cached: sets are few and consulted on every lookup.
+    sets: RwLock<BTreeMap<SetId, SetRow>>,
+}
+
+fn bad_value(what: &str, len: usize) -> Error {
+    Error::Refused(format!("index holds a malformed {what} ({len} bytes); run `tardis-tools rebuild-index`"))
+}
+
+fn entry_key(dir: &DirId, name: &NameKey, set: SetId) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..16].copy_from_slice(&dir.0);
+    k[16..32].copy_from_slice(&name.0);
+    k[32..].copy_from_slice(&set.to_be_bytes());
+    k
+}
+
+fn entry_set(key: &[u8]) -> SetId {
+    SetId::from_be_bytes(key[32..40].try_into().expect("entry keys are 40 bytes"))
+}
+
+impl Index {
+    /// Opens (creating if needed) the index at `path`.
+    pub fn open(path: &Path) -> Result<Index> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_keep_log_file_num(4);
+        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(Error::index("opening"))?;
+        let index = Index { db, sets: RwLock::new(BTreeMap::new()) };
+        match index.db.get_cf(index.cf(CF_META), KEY_FORMAT).map_err(Error::index("reading format"))? {
+            None => index
+                .db
+                .put_cf(index.cf(CF_META), KEY_FORMAT, INDEX_VERSION.to_le_bytes())
+                .map_err(Error::index("writing format"))?,
+            Some(v) if v.as_slice() == INDEX_VERSION.to_le_bytes() => {}
+            Some(v) => {
+                let found = v.get(..4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes);
+                return Err(Error::Version { what: "index", found, supported: INDEX_VERSION });
+            }
+        }
+        let sets = index.load_sets()?;
+        *index.sets.write().unwrap_or_else(|p| p.into_inner()) = sets;
+        Ok(index)
+    }
+
+    fn load_sets(&self) -> Result<BTreeMap<SetId, SetRow>> {
+        let mut sets = BTreeMap::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_SETS));
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let id = SetId::from_be_bytes(k.try_into().map_err(|_| bad_value("set key", k.len()))?);
+            let row: SetRow = rmp_serde::from_slice(v).map_err(|_| bad_value("set row", v.len()))?;
+            sets.insert(id, row);
+            it.next();
+        }
+        it.status().map_err(Error::index("reading sets"))?;
+        Ok(sets)
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db.cf_handle(name).expect("every column family is created at open")
+    }
+
+    /// The log position this index reflects (end of the last applied batch).
+    pub fn applied(&self) -> Result<Option<Pos>> {
+        let v = self.db.get_cf(self.cf(CF_META), KEY_APPLIED).map_err(Error::index("reading position"))?;
+        let Some(v) = v else { return Ok(None) };
+        if v.len() != 16 {
+            return Err(bad_value("applied position", v.len()));
+        }
+        let seg = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+        let off = u64::from_be_bytes(v[8..].try_into().expect("8 bytes"));
+        Ok(Some(Pos { segment: seg, offset: off }))
+    }
+
+    /// Applies one committed batch and records `end` as the applied position, atomically.
+    pub fn apply(&self, events: &[Applied], end: Pos) -> Result<()> {
+        let mut wb = WriteBatch::default();
+        let mut sets = self.sets.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut batch_chunks = HashSet::new();
+        for a in events {
+            match &a.event {
+                Event::HostCreated(h) => {
+                    wb.put_cf(self.cf(CF_META), KEY_HOST, rmp_serde::to_vec(h).expect("host record encodes"))
+                }
+                Event::KeyWrapped(k) => wb.put_cf(self.cf(CF_META), KEY_WRAPPED, &k.blob),
+                Event::SetOpened(o) => {
+                    sets.insert(
+                        o.set,
+                        SetRow {
+                            name: o.name.clone(),
+                            priority: o.priority,
+                            started: o.started,
+                            base: o.base,
+                            finished: None,
+                            stats: SetStats::default(),
+                            purged: false,
+                        },
+                    );
+                    self.put_set(&mut wb, o.set, &sets);
+                }
+                Event::SetCompleted(c) => {
+                    if let Some(row) = sets.get_mut(&c.set) {
+                        row.finished = Some(c.finished);
+                        row.stats = c.stats;
+                        self.put_set(&mut wb, c.set, &sets);
+                    }
+                }
+                Event::SetPurged(p) => {
+                    if let Some(row) = sets.get_mut(&p.set) {
+                        row.purged = true;
+                        self.put_set(&mut wb, p.set, &sets);
+                    }
+                }
+                Event::ChunkStored(c) => {
+                    // The first stored copy of a chunk stays authoritative; replays keep it.
+                    if batch_chunks.insert(c.id) && !self.has_chunk(&c.id)? {
+                        let loc = ChunkLoc {
+                            pos: a.pos,
+                            plain_len: c.plain_len,
+                            stored_len: a.body_len,
+                            encoding: c.encoding,
+                        };
+                        wb.put_cf(self.cf(CF_CHUNKS), c.id.0, loc.encode());
+                    }
+                }
+                Event::FileVersion(v) => {
+                    let mut val = vec![ENTRY_VERSION];
+                    val.extend_from_slice(&Event::FileVersion(v.clone()).encode());
+                    wb.put_cf(self.cf(CF_ENTRIES), entry_key(&v.dir, &v.name, v.set), val);
+                }
+                Event::EntryDeleted(d) => {
+                    wb.put_cf(self.cf(CF_ENTRIES), entry_key(&d.dir, &d.name, d.set), [ENTRY_DELETED])
+                }
+                Event::ConfigChanged(c) => match &c.value {
+                    Some(v) => wb.put_cf(self.cf(CF_CONFIG), c.key.as_bytes(), v.as_bytes()),
+                    None => wb.delete_cf(self.cf(CF_CONFIG), c.key.as_bytes()),
+                },
+                Event::SegmentsCompacted(_) => {
+                    return Err(Error::Version { what: "record (segments compacted)", found: 1, supported: 0 });
+                }
+            }
+        }
+        let mut pos = [0u8; 16];
+        pos[..8].copy_from_slice(&end.segment.to_be_bytes());
+        pos[8..].copy_from_slice(&end.offset.to_be_bytes());
+        wb.put_cf(self.cf(CF_META), KEY_APPLIED, pos);
+        self.db.write(wb).map_err(Error::index("applying batch"))?;
+        *self.sets.write().unwrap_or_else(|p| p.into_inner()) = sets;
+        Ok(())
+    }
+
+    fn put_set(&self, wb: &mut WriteBatch, id: SetId, sets: &BTreeMap<SetId, SetRow>) {
+        let row = &sets[&id];
+        wb.put_cf(self.cf(CF_SETS), id.to_be_bytes(), rmp_serde::to_vec(row).expect("set rows encode"));
+    }
+
+    /// The host record, once the host exists.
+    pub fn host(&self) -> Result<Option<HostCreated>> {
+        let v = self.db.get_cf(self.cf(CF_META), KEY_HOST).map_err(Error::index("reading host"))?;
+        v.map(|v| rmp_serde::from_slice(&v).map_err(|_| bad_value("host record", v.len()))).transpose()
+    }
+
+    /// The latest wrapped master key.
+    pub fn wrapped_key(&self) -> Result<Option<Vec<u8>>> {
+        self.db.get_cf(self.cf(CF_META), KEY_WRAPPED).map_err(Error::index("reading wrapped key"))
+    }
+
+    /// Where a chunk is stored.
+    pub fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLoc>> {
+        let v = self.db.get_cf(self.cf(CF_CHUNKS), id.0).map_err(Error::index("reading chunk location"))?;
+        v.map(|v| ChunkLoc::decode(&v)).transpose()
+    }
+
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.0).map_err(Error::index("reading chunk location"))?.is_some())
+    }
+
+    /// For each ID, whether the chunk is stored.
+    pub fn has_chunks(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
+        let cf = self.cf(CF_CHUNKS);
+        self.db
+            .multi_get_cf(ids.iter().map(|id| (cf, id.0)))
+            .into_iter()
+            .map(|r| r.map(|v| v.is_some()).map_err(Error::index("reading chunk locations")))
+            .collect()
+    }
+
+    /// Every set with its derived state.
+    pub fn sets(&self) -> Vec<SetInfo> {
+        let sets = self.sets.read().unwrap_or_else(|p| p.into_inner());
+        let newest = sets.keys().next_back().copied();
+        sets.iter()
+            .map(|(id, r)| SetInfo {
+                id: *id,
+                name: r.name.clone(),
+                priority: r.priority,
+                started: r.started,
+                finished: r.finished,
+                base: r.base,
+                state: match r.finished {
+                    Some(_) => SetState::Completed,
+                    None if Some(*id) == newest => SetState::Open,
+                    None => SetState::Abandoned,
+                },
+                purged: r.purged,
+                stats: r.stats,
+            })
+            .collect()
+    }
+
+    /// The set row of `id`.
+    pub fn set_row(&self, id: SetId) -> Option<SetRow> {
+        self.sets.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    /// Rows written by `first` are seen by `reader` if `first` completed, or is `reader` itself
+    /// (a running backup sees its own writes). Abandoned sets' rows are never seen.
+    fn visible(sets: &BTreeMap<SetId, SetRow>, first: SetId, reader: SetId) -> bool {
+        first == reader || sets.get(&first).is_some_and(|r| r.finished.is_some())
+    }
+
+    fn decode_entry(key: &[u8], value: &[u8]) -> Result<EntryVersion> {
+        match value.first() {
+            Some(&ENTRY_DELETED) => Ok(EntryVersion::Deleted(entry_set(key))),
+            Some(&ENTRY_VERSION) => match Event::decode(tardis_core::event::kind::FILE_VERSION, 1, &value[1..])? {
+                Event::FileVersion(v) => Ok(EntryVersion::Version(v)),
+                _ => Err(bad_value("entry", value.len())),
+            },
+            _ => Err(bad_value("entry", value.len())),
+        }
+    }
+
+    /// The version of an entry that set `set` sees.
+    pub fn lookup(&self, set: SetId, dir: &DirId, name: &NameKey) -> Result<Option<FileVersion>> {
+        let sets = self.sets.read().unwrap_or_else(|p| p.into_inner());
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_ENTRIES));
+        it.seek_for_prev(entry_key(dir, name, set));
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k.len() != 40 || k[..16] != dir.0 || k[16..32] != name.0 {
+                break;
+            }
+            if Self::visible(&sets, entry_set(k), set) {
+                return match Self::decode_entry(k, v)? {
+                    EntryVersion::Version(v) => Ok(Some(v)),
+                    EntryVersion::Deleted(_) => Ok(None),
+                };
+            }
+            it.prev();
+        }
+        it.status().map_err(Error::index("looking up entry"))?;
+        Ok(None)
+    }
+
+    /// Every entry of a directory that set `set` sees, in key order.
+    pub fn list(&self, set: SetId, dir: &DirId) -> Result<Vec<FileVersion>> {
+        let sets = self.sets.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_ENTRIES));
+        it.seek(dir.0);
+        // Rows of one name are consecutive, ordered by set; keep the last visible one ≤ `set`.
+        // (name key, value of the visible row so far, its key)
+        type Current = Option<([u8; 16], Option<Vec<u8>>, Vec<u8>)>;
+        let mut current: Current = None;
+        let flush = |cur: Current, out: &mut Vec<FileVersion>| -> Result<()> {
+            if let Some((_, Some(v), k)) = cur {
+                if let EntryVersion::Version(fv) = Self::decode_entry(&k, &v)? {
+                    out.push(fv);
+                }
+            }
+            Ok(())
+        };
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k.len() != 40 || k[..16] != dir.0 {
+                break;
+            }
+            let name: [u8; 16] = k[16..32].try_into().expect("16-byte slice");
+            let first = entry_set(k);
+            if current.as_ref().is_none_or(|c| c.0 != name) {
+                flush(current.take(), &mut out)?;
+                current = Some((name, None, Vec::new()));
+            }
+            if first <= set && Self::visible(&sets, first, set) {
+                let c = current.as_mut().expect("set just above");
+                c.1 = Some(v.to_vec());
+                c.2 = k.to_vec();
+            }
+            it.next();
+        }
+        it.status().map_err(Error::index("listing directory"))?;
+        flush(current, &mut out)?;
+        Ok(out)
+    }
+
+    /// Every row of one entry, oldest first.
+    pub fn history(&self, dir: &DirId, name: &NameKey) -> Result<Vec<EntryVersion>> {
+        let mut out = Vec::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_ENTRIES));
+        it.seek(entry_key(dir, name, 0));
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k.len() != 40 || k[..16] != dir.0 || k[16..32] != name.0 {
+                break;
+            }
+            out.push(Self::decode_entry(k, v)?);
+            it.next();
+        }
+        it.status().map_err(Error::index("reading history"))?;
+        Ok(out)
+    }
+
+    /// Per-host configuration values.
+    pub fn config(&self) -> Result<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_CONFIG));
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            out.insert(String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned());
+            it.next();
+        }
+        it.status().map_err(Error::index("reading config"))?;
+        Ok(out)
+    }
+
+    /// Every key and value of every column family, for comparing two indexes.
+    pub fn dump(&self) -> Result<Vec<DumpRow>> {
+        let mut out = Vec::new();
+        for name in ALL_CFS {
+            let mut it = self.db.raw_iterator_cf(self.cf(name));
+            it.seek_to_first();
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                out.push((name, k.to_vec(), v.to_vec()));
+                it.next();
+            }
+            it.status().map_err(Error::index("dumping"))?;
+        }
+        Ok(out)
+    }
+
+    /// Flushes memtables so the index need not be replayed from its WAL on the next open.
+    pub fn flush(&self) -> Result<()> {
+        for name in ALL_CFS {
+            self.db.flush_cf(self.cf(name)).map_err(Error::index("flushing"))?;
+        }
+        Ok(())
+    }
+}

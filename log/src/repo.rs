@@ -1,0 +1,537 @@
+//! One host's repository: the segment log, its RocksDB index, and the rules every write must
+//! pass. [`Repo`] implements [`tardis_core::api::Repository`], the interface that the client,
+//! the tools and the mount use (in-process for `--local`, over QUIC through `tardisd`).
+//!
+//! Layout under `BaseDir/<host>/`: `segments/` (the log), `index/` (RocksDB), `quarantine/`
+//! (bytes cut off by recovery), `lock` (held by the one process that has the repository open).
+
+use crate::error::{Error, Result};
+use crate::frame::MAX_BODY;
+use crate::index::{Applied, Index};
+use crate::segments::{self, Damage, Log, LogOptions, Pos, Rec, Recovery};
+use crate::storage::{DirStorage, Storage};
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tardis_core::api::{EntryVersion, HostInfo, Repository, SetInfo, SetState, StoredChunk, Write};
+use tardis_core::chunk::MAX_CHUNK;
+use tardis_core::event::{
+    self, ChunkStored, Event, FileVersion, HostCreated, KeyWrapped, SetCompleted, SetOpened, SetStats,
+};
+use tardis_core::ids::{ChunkId, DirId, HostId, NameKey, SetId};
+
+/// How to open a repository.
+#[derive(Debug, Clone, Default)]
+pub struct RepoOptions {
+    pub log: LogOptions,
+    /// Segment storage to use instead of `<host>/segments` (tests inject faults with it).
+    pub storage: Option<Arc<dyn Storage>>,
+}
+
+/// What a full index rebuild did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayStats {
+    pub segments: u64,
+    pub batches: u64,
+    pub records: u64,
+    pub damage: Vec<Damage>,
+}
+
+/// One host's repository, open for reading and writing.
+#[derive(Debug)]
+pub struct Repo {
+    dir: PathBuf,
+    host: String,
+    storage: Arc<dyn Storage>,
+    log: Mutex<Log>,
+    index: Index,
+    recovery: Recovery,
+    replayed: ReplayStats,
+    _lock: File,
+}
+
+/// Checks that a host name is usable as a directory name.
+pub fn check_host_name(host: &str) -> Result<()> {
+    let ok = !host.is_empty()
+        && host.len() <= 255
+        && host != "."
+        && host != ".."
+        && !host.contains(['/', '\0'])
+        && !host.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Refused(format!(
+            "invalid host name {host:?}: use letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
+    }
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+impl Repo {
+    /// Opens the repository of `host` under `base`, creating its directory if needed (the host
+    /// itself is created by [`Repository::create_host`]). Recovers the log tail and brings the
+    /// index up to date with the log.
+    pub fn open(base: &Path, host: &str, opts: RepoOptions) -> Result<Repo> {
+        check_host_name(host)?;
+        let dir = base.join(host);
+        fs::create_dir_all(&dir).map_err(|e| Error::io("creating repository directory", &dir, e))?;
+        let lock = lock_dir(&dir)?;
+        let storage: Arc<dyn Storage> = match opts.storage.clone() {
+            Some(s) => s,
+            None => Arc::new(
+                DirStorage::new(&dir.join("segments"), &dir.join("quarantine"))
+                    .map_err(|e| Error::io("opening segment directory", dir.join("segments"), e))?,
+            ),
+        };
+        let index_dir = dir.join("index");
+        let index = match Index::open(&index_dir) {
+            Ok(i) => i,
+            Err(Error::Version { what: "index", .. }) => {
+                tracing::warn!("index has another layout version; rebuilding it from the log");
+                destroy_index(&index_dir)?;
+                Index::open(&index_dir)?
+            }
+            Err(e) => return Err(e),
+        };
+        let mut index = index;
+        let mut hint = index.applied()?;
+        let (log, recovery) = Log::open(storage.clone(), opts.log, hint)?;
+        if let Some(h) = hint.filter(|h| *h > log.end()) {
+            // The index claims more than the log holds (the log was restored from an older
+            // copy, or lost data): it cannot be trusted, so it is rebuilt from the log.
+            tracing::warn!(index = %h, log = %log.end(), "index is ahead of the log; rebuilding it");
+            drop(index);
+            destroy_index(&index_dir)?;
+            index = Index::open(&index_dir)?;
+            hint = None;
+        }
+        let mut repo = Repo {
+            dir,
+            host: host.to_owned(),
+            storage,
+            log: Mutex::new(log),
+            index,
+            recovery,
+            replayed: ReplayStats::default(),
+            _lock: lock,
+        };
+        let from = hint;
+        repo.replayed = repo.replay(from)?;
+        Ok(repo)
+    }
+
+    /// Throws the index away and rebuilds it from the log alone.
+    pub fn rebuild_index(base: &Path, host: &str, opts: RepoOptions) -> Result<ReplayStats> {
+        check_host_name(host)?;
+        let dir = base.join(host);
+        if !dir.join("segments").is_dir() && opts.storage.is_none() {
+            return Err(Error::NoHost(host.to_owned()));
+        }
+        {
+            let _lock = lock_dir(&dir)?;
+            destroy_index(&dir.join("index"))?;
+        }
+        let repo = Repo::open(base, host, opts)?;
+        repo.index.flush()?;
+        Ok(repo.replayed.clone())
+    }
+
+    /// Whether `base` holds a repository for `host` with at least one record.
+    pub fn exists(base: &Path, host: &str) -> bool {
+        fs::read_dir(base.join(host).join("segments")).is_ok_and(|mut d| d.next().is_some())
+    }
+
+    pub fn host_name(&self) -> &str {
+        &self.host
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What opening found in the log (trimmed tail, damage).
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// What was replayed into the index when opening.
+    pub fn replayed(&self) -> &ReplayStats {
+        &self.replayed
+    }
+
+    /// The index, for tools that inspect it.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The segment storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Position after the last committed batch.
+    pub fn log_end(&self) -> Pos {
+        self.writer().end()
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies every committed batch after `from` to the index.
+    fn replay(&self, from: Option<Pos>) -> Result<ReplayStats> {
+        let mut stats = ReplayStats::default();
+        let segs = self.storage.list().map_err(|e| Error::io("listing segments in", self.storage.describe(0), e))?;
+        let last = segs.last().copied();
+        for seg in segs.into_iter().filter(|s| from.is_none_or(|f| *s >= f.segment)) {
+            let start = match from {
+                Some(f) if f.segment == seg => f.offset,
+                _ => crate::frame::SEGMENT_HEADER_LEN as u64,
+            };
+            let len =
+                self.storage.len(seg).map_err(|e| Error::io("reading length of", self.storage.describe(seg), e))?;
+            let header = segments::read_segment_header(self.storage.as_ref(), seg, len)?;
+            // Starting mid-segment, the hint's batch was already checked by `Log::open`.
+            let prev_seq =
+                (start == crate::frame::SEGMENT_HEADER_LEN as u64).then(|| header.first_seq.saturating_sub(1));
+            let outcome =
+                segments::scan_segment(self.storage.as_ref(), seg, start, len, prev_seq, false, &mut |batch| {
+                    let mut applied = Vec::with_capacity(batch.records.len());
+                    for r in &batch.records {
+                        let event = Event::decode(r.header.kind, r.header.version, &r.meta)
+                            .map_err(|e| segments::corrupt(r.pos.segment, r.pos.offset, e))?;
+                        applied.push(Applied { pos: r.pos, event, body_len: r.header.body_len });
+                    }
+                    stats.batches += 1;
+                    stats.records += applied.len() as u64;
+                    self.index.apply(&applied, batch.end)
+                })?;
+            stats.segments += 1;
+            stats.damage.extend(outcome.damage);
+            if outcome.committed_end < len && Some(seg) != last {
+                stats.damage.push(Damage {
+                    segment: seg,
+                    offset: outcome.committed_end,
+                    resume: len,
+                    reason: "segment ends in a damaged or uncommitted record".into(),
+                });
+            }
+        }
+        for d in &stats.damage {
+            tracing::error!(
+                segment = d.segment,
+                offset = d.offset,
+                "damaged log records: {}; run `tardis-tools verify`",
+                d.reason
+            );
+        }
+        Ok(stats)
+    }
+
+    /// Reads every record of every segment, checking framing, both checksums and batch
+    /// commits, and returns the damage found (empty for a healthy log). The index is not used.
+    pub fn scan_log(&self) -> Result<Vec<Damage>> {
+        let _writer = self.writer(); // a stable end: no batch is half-written while we scan
+        let segs = self.storage.list().map_err(|e| Error::io("listing segments in", self.storage.describe(0), e))?;
+        let mut damage = Vec::new();
+        for seg in segs {
+            let len =
+                self.storage.len(seg).map_err(|e| Error::io("reading length of", self.storage.describe(seg), e))?;
+            let header = match segments::read_segment_header(self.storage.as_ref(), seg, len) {
+                Ok(h) => h,
+                Err(Error::Corrupt { segment, offset, reason }) => {
+                    damage.push(Damage { segment, offset, resume: len, reason });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let start = crate::frame::SEGMENT_HEADER_LEN as u64;
+            let outcome = segments::scan_segment(
+                self.storage.as_ref(),
+                seg,
+                start,
+                len,
+                header.first_seq.checked_sub(1),
+                true,
+                &mut |_| Ok(()),
+            )?;
+            damage.extend(outcome.damage);
+            if outcome.committed_end < len {
+                damage.push(Damage {
+                    segment: seg,
+                    offset: outcome.committed_end,
+                    resume: len,
+                    reason: "damaged or uncommitted records at the end of the segment".into(),
+                });
+            }
+        }
+        Ok(damage)
+    }
+
+    /// Appends events as one durable batch and applies them to the index.
+    fn commit(&self, log: &mut Log, events: Vec<(Event, Vec<u8>)>) -> Result<()> {
+        let metas: Vec<Vec<u8>> = events.iter().map(|(e, _)| e.encode()).collect();
+        let recs: Vec<Rec<'_>> = events
+            .iter()
+            .zip(&metas)
+            .map(|((e, body), meta)| Rec { kind: e.kind(), version: event::PAYLOAD_VERSION, meta, body })
+            .collect();
+        let (positions, end) = log.append(&recs)?;
+        let applied: Vec<Applied> = events
+            .into_iter()
+            .zip(positions)
+            .map(|((event, body), pos)| Applied { pos, event, body_len: body.len() as u32 })
+            .collect();
+        self.index.apply(&applied, end)
+    }
+
+    fn open_set_id(&self) -> Option<SetId> {
+        self.index.sets().into_iter().rev().find(|s| s.state == SetState::Open).map(|s| s.id)
+    }
+
+    fn require_open(&self, set: SetId) -> Result<()> {
+        match self.open_set_id() {
+            Some(open) if open == set => Ok(()),
+            _ => Err(Error::Refused(format!("set {set} is not the open set of host {}", self.host))),
+        }
+    }
+
+    fn require_host(&self) -> Result<HostCreated> {
+        self.index.host()?.ok_or_else(|| Error::NoHost(self.host.clone()))
+    }
+
+    fn read_chunk_inner(&self, id: &ChunkId) -> Result<StoredChunk> {
+        let loc =
+            self.index.chunk(id)?.ok_or_else(|| Error::Refused(format!("chunk {id} is not in the repository")))?;
+        let (header, meta, body) = segments::read_record(self.storage.as_ref(), loc.pos)?;
+        let bad = |reason: &str| segments::corrupt(loc.pos.segment, loc.pos.offset, reason);
+        let Event::ChunkStored(cs) =
+            Event::decode(header.kind, header.version, &meta).map_err(|e| bad(&e.to_string()))?
+        else {
+            return Err(bad("index points at a record that is not a chunk"));
+        };
+        if cs.id != *id {
+            return Err(bad("record holds another chunk"));
+        }
+        Ok(StoredChunk { meta: cs, body })
+    }
+
+    fn append_inner(&self, set: SetId, writes: Vec<Write>) -> Result<()> {
+        let mut log = self.writer();
+        self.require_open(set)?;
+        let mut events = Vec::with_capacity(writes.len());
+        let mut in_batch: HashMap<ChunkId, u32> = HashMap::new();
+        for w in writes {
+            match w {
+                Write::Chunk(c) => {
+                    if c.plain_len as usize > MAX_CHUNK || c.body.len() > MAX_BODY as usize {
+                        return Err(Error::Refused(format!("chunk {} is larger than the format allows", c.id)));
+                    }
+                    if in_batch.contains_key(&c.id) || self.index.has_chunk(&c.id)? {
+                        continue; // already stored: never overwrite an existing ID
+                    }
+                    in_batch.insert(c.id, c.plain_len);
+                    events.push((
+                        Event::ChunkStored(ChunkStored { id: c.id, plain_len: c.plain_len, encoding: c.encoding }),
+                        c.body,
+                    ));
+                }
+                Write::Version(v) => {
+                    self.check_version(set, &v, &in_batch)?;
+                    events.push((Event::FileVersion(v), Vec::new()));
+                }
+                Write::Delete(d) => {
+                    if d.set != set {
+                        return Err(Error::Refused(format!("deletion for set {} sent in set {set}", d.set)));
+                    }
+                    events.push((Event::EntryDeleted(d), Vec::new()));
+                }
+            }
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.commit(&mut log, events)
+    }
+
+    /// A file version may only reference chunks that are durably stored (or earlier in the same
+    /// batch), with matching lengths, in ascending non-overlapping extents (invariant 2).
+    fn check_version(&self, set: SetId, v: &FileVersion, in_batch: &HashMap<ChunkId, u32>) -> Result<()> {
+        if v.set != set {
+            return Err(Error::Refused(format!("file version for set {} sent in set {set}", v.set)));
+        }
+        let mut next = 0u64;
+        for e in &v.extents {
+            if e.offset < next {
+                return Err(Error::Refused("file version has overlapping or unsorted extents".into()));
+            }
+            next = e.offset + u64::from(e.len);
+            let len = match in_batch.get(&e.id) {
+                Some(l) => *l,
+                None => match self.index.chunk(&e.id)? {
+                    Some(loc) => loc.plain_len,
+                    None => {
+                        return Err(Error::Refused(format!(
+                            "file version references chunk {} that is not stored",
+                            e.id
+                        )))
+                    }
+                },
+            };
+            if len != e.len {
+                return Err(Error::Refused(format!(
+                    "extent length {} does not match chunk {} ({len} bytes)",
+                    e.len, e.id
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Repo {
+    fn drop(&mut self) {
+        // Best effort: a flushed index opens without replaying its own WAL.
+        if let Err(e) = self.index.flush() {
+            tracing::warn!("flushing index: {e}");
+        }
+    }
+}
+
+fn destroy_index(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("removing index", path, e)),
+    }
+}
+
+/// Takes the repository lock (one process per host repository) and records our pid in it.
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join("lock");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io("opening", &path, e))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            return Err(Error::Locked { path: dir.to_owned(), pid: pid.trim().to_owned() });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("locking", &path, e)),
+    }
+    f.set_len(0)
+        .and_then(|_| f.rewind())
+        .and_then(|_| writeln!(f, "{}", std::process::id()))
+        .map_err(|e| Error::io("writing", &path, e))?;
+    Ok(f)
+}
+
+impl Repository for Repo {
+    fn host(&self) -> tardis_core::Result<Option<HostInfo>> {
+        let Some(h) = self.index.host()? else { return Ok(None) };
+        Ok(Some(HostInfo {
+            host_id: h.host_id,
+            name: h.name,
+            encrypted: h.encrypted,
+            wrapped_key: self.index.wrapped_key()?,
+        }))
+    }
+
+    fn create_host(
+        &self,
+        host_id: HostId,
+        encrypted: bool,
+        wrapped_key: Option<Vec<u8>>,
+    ) -> tardis_core::Result<HostInfo> {
+        let mut log = self.writer();
+        if self.index.host()?.is_some() {
+            return Err(Error::Refused(format!("host {} already exists", self.host)).into());
+        }
+        if encrypted != wrapped_key.is_some() {
+            return Err(Error::Refused("an encrypted host needs a wrapped key, an unencrypted one none".into()).into());
+        }
+        let created = HostCreated { host_id, name: self.host.clone(), created: now_nanos(), encrypted };
+        let mut events = vec![(Event::HostCreated(created), Vec::new())];
+        if let Some(k) = &wrapped_key {
+            events.push((Event::KeyWrapped(KeyWrapped { blob: serde_bytes::ByteBuf::from(k.clone()) }), Vec::new()));
+        }
+        self.commit(&mut log, events)?;
+        Ok(HostInfo { host_id, name: self.host.clone(), encrypted, wrapped_key })
+    }
+
+    fn set_wrapped_key(&self, wrapped_key: Vec<u8>) -> tardis_core::Result<()> {
+        let mut log = self.writer();
+        let host = self.require_host()?;
+        if !host.encrypted {
+            return Err(Error::Refused(format!("host {} is not encrypted", self.host)).into());
+        }
+        let e = Event::KeyWrapped(KeyWrapped { blob: serde_bytes::ByteBuf::from(wrapped_key) });
+        Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
+    }
+
+    fn sets(&self) -> tardis_core::Result<Vec<SetInfo>> {
+        Ok(self.index.sets())
+    }
+
+    fn lookup(&self, set: SetId, dir: &DirId, name: &NameKey) -> tardis_core::Result<Option<FileVersion>> {
+        Ok(self.index.lookup(set, dir, name)?)
+    }
+
+    fn list(&self, set: SetId, dir: &DirId) -> tardis_core::Result<Vec<FileVersion>> {
+        Ok(self.index.list(set, dir)?)
+    }
+
+    fn history(&self, dir: &DirId, name: &NameKey) -> tardis_core::Result<Vec<EntryVersion>> {
+        Ok(self.index.history(dir, name)?)
+    }
+
+    fn read_chunk(&self, id: &ChunkId) -> tardis_core::Result<StoredChunk> {
+        Ok(self.read_chunk_inner(id)?)
+    }
+
+    fn missing_chunks(&self, ids: &[ChunkId]) -> tardis_core::Result<Vec<ChunkId>> {
+        let have = self.index.has_chunks(ids)?;
+        Ok(ids.iter().zip(have).filter(|(_, h)| !h).map(|(id, _)| *id).collect())
+    }
+
+    fn open_set(&self, name: &str, priority: u32) -> tardis_core::Result<SetId> {
+        let mut log = self.writer();
+        self.require_host()?;
+        if name.is_empty() || name.contains('/') || name.len() > 255 || name.starts_with('.') {
+            return Err(Error::Refused(format!("invalid set name {name:?}")).into());
+        }
+        let sets = self.index.sets();
+        if sets.iter().any(|s| s.name == name && s.is_live()) {
+            return Err(Error::Refused(format!("a set named {name} already exists; choose another --name")).into());
+        }
+        let id = sets.last().map_or(1, |s| s.id + 1);
+        let base = sets.iter().rev().find(|s| s.state == SetState::Completed).map(|s| s.id);
+        let e = Event::SetOpened(SetOpened { set: id, name: name.to_owned(), priority, started: now_nanos(), base });
+        self.commit(&mut log, vec![(e, Vec::new())])?;
+        Ok(id)
+    }
+
+    fn append(&self, set: SetId, writes: Vec<Write>) -> tardis_core::Result<()> {
+        Ok(self.append_inner(set, writes)?)
+    }
+
+    fn complete_set(&self, set: SetId, stats: SetStats) -> tardis_core::Result<()> {
+        let mut log = self.writer();
+        self.require_open(set)?;
+        let e = Event::SetCompleted(SetCompleted { set, finished: now_nanos(), stats });
+        Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
+    }
+}

@@ -1,0 +1,164 @@
+//! Where segment bytes live. Every segment read and write goes through [`Storage`], so tests
+//! can inject failures and crashes ([`crate::fault`]) and an object-store backend can be added
+//! beside the local directory without touching the log logic.
+//!
+//! Durability contract an implementation must keep: `create` returns only after the new file
+//! (with its header) and its directory entry are durable; `sync` returns only after every byte
+//! appended so far is durable; `truncate` and `remove` are durable when they return.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// An open segment being appended to.
+pub trait SegmentFile: Send + Debug {
+    /// Appends bytes at the end (not yet durable).
+    fn append(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Makes everything appended so far durable.
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// A set of numbered, append-only segment files.
+pub trait Storage: Send + Sync + Debug {
+    /// Numbers of all segments, ascending.
+    fn list(&self) -> io::Result<Vec<u64>>;
+    /// Creates segment `seg` holding `header`; durable (file and directory) on return.
+    fn create(&self, seg: u64, header: &[u8]) -> io::Result<Box<dyn SegmentFile>>;
+    /// Opens an existing segment for appending at its current end.
+    fn open_append(&self, seg: u64) -> io::Result<Box<dyn SegmentFile>>;
+    /// Current length of a segment.
+    fn len(&self, seg: u64) -> io::Result<u64>;
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, seg: u64, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Shortens a segment (recovery of a torn tail); durable on return.
+    fn truncate(&self, seg: u64, len: u64) -> io::Result<()>;
+    /// Deletes a segment; durable on return.
+    fn remove(&self, seg: u64) -> io::Result<()>;
+    /// Keeps bytes cut from a segment for later inspection; returns where they went.
+    fn quarantine(&self, seg: u64, offset: u64, bytes: &[u8]) -> io::Result<PathBuf>;
+    /// A human-readable location of a segment, for messages.
+    fn describe(&self, seg: u64) -> PathBuf;
+}
+
+/// Segments as files `<dir>/<16 hex digits>.seg`.
+#[derive(Debug)]
+pub struct DirStorage {
+    dir: PathBuf,
+    quarantine: PathBuf,
+    readers: Mutex<HashMap<u64, Arc<File>>>,
+}
+
+impl DirStorage {
+    /// Uses `dir` for segments and `quarantine` for cut-off bytes, creating both if needed.
+    pub fn new(dir: &Path, quarantine: &Path) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        Ok(DirStorage { dir: dir.to_owned(), quarantine: quarantine.to_owned(), readers: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn path(&self, seg: u64) -> PathBuf {
+        self.dir.join(format!("{seg:016x}.seg"))
+    }
+
+    fn reader(&self, seg: u64) -> io::Result<Arc<File>> {
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = readers.get(&seg) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(self.path(seg))?);
+        readers.insert(seg, f.clone());
+        Ok(f)
+    }
+
+    fn forget_reader(&self, seg: u64) {
+        self.readers.lock().unwrap_or_else(|p| p.into_inner()).remove(&seg);
+    }
+}
+
+/// Makes a directory's entries (file creations, renames, removals) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[derive(Debug)]
+struct LocalSegment {
+    file: File,
+}
+
+impl SegmentFile for LocalSegment {
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+impl Storage for DirStorage {
+    fn list(&self) -> io::Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(hex) = name.strip_suffix(".seg") {
+                if let Ok(n) = u64::from_str_radix(hex, 16) {
+                    out.push(n);
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn create(&self, seg: u64, header: &[u8]) -> io::Result<Box<dyn SegmentFile>> {
+        let mut file = OpenOptions::new().append(true).create_new(true).open(self.path(seg))?;
+        file.write_all(header)?;
+        file.sync_all()?;
+        sync_dir(&self.dir)?;
+        Ok(Box::new(LocalSegment { file }))
+    }
+
+    fn open_append(&self, seg: u64) -> io::Result<Box<dyn SegmentFile>> {
+        let file = OpenOptions::new().append(true).open(self.path(seg))?;
+        Ok(Box::new(LocalSegment { file }))
+    }
+
+    fn len(&self, seg: u64) -> io::Result<u64> {
+        Ok(fs::metadata(self.path(seg))?.len())
+    }
+
+    fn read_at(&self, seg: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.reader(seg)?.read_exact_at(buf, offset)
+    }
+
+    fn truncate(&self, seg: u64, len: u64) -> io::Result<()> {
+        let f = OpenOptions::new().write(true).open(self.path(seg))?;
+        f.set_len(len)?;
+        f.sync_all()?;
+        self.forget_reader(seg);
+        Ok(())
+    }
+
+    fn remove(&self, seg: u64) -> io::Result<()> {
+        self.forget_reader(seg);
+        fs::remove_file(self.path(seg))?;
+        sync_dir(&self.dir)
+    }
+
+    fn quarantine(&self, seg: u64, offset: u64, bytes: &[u8]) -> io::Result<PathBuf> {
+        fs::create_dir_all(&self.quarantine)?;
+        let path = self.quarantine.join(format!("{seg:016x}-{offset:x}.tail"));
+        let mut f = File::create(&path)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        sync_dir(&self.quarantine)?;
+        Ok(path)
+    }
+
+    fn describe(&self, seg: u64) -> PathBuf {
+        self.path(seg)
+    }
+}
