@@ -22,7 +22,13 @@ pub enum Error {
     /// An exclusion pattern does not parse. `line` is 1-based; 0 means the file as a whole.
     #[error("bad exclude pattern in {file} line {line}: {reason}")]
     Pattern { file: String, line: usize, reason: String },
-    /// An error from the core codecs.
+    /// The password does not open the host's key.
+    #[error("wrong password for host {host}")]
+    WrongPassword { host: String },
+    /// The request cannot be carried out as given; the message says what to change.
+    #[error("{0}")]
+    Invalid(String),
+    /// An error from the core codecs or the repository behind the `Repository` trait.
     #[error(transparent)]
     Core(#[from] tardis_core::Error),
 }

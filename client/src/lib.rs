@@ -4,10 +4,16 @@
 //!   data regions of sparse files.
 //! - [`exclude`]: which entries a backup leaves out (pattern files, skip files, `CACHEDIR.TAG`).
 //! - [`restore`]: writing entries and their metadata back to disk for `regenerate`.
+//! - [`session`]: creating a host or unwrapping its key with the password.
+//! - [`backup`]: the walk that turns a tree into one backup set.
+//! - [`cli`]: command-line options shared by all Tardis programs.
 
+pub mod backup;
+pub mod cli;
 mod error;
 pub mod exclude;
 pub mod fsmeta;
 pub mod restore;
+pub mod session;
 
 pub use error::{Error, Result};

@@ -65,11 +65,18 @@ pub struct WrappedKey {
     bytes: Vec<u8>,
 }
 
-/// The result of unwrapping: the master key and the login secret.
-#[derive(Debug)]
+/// The result of unwrapping: the master key and the login secret. Both are zeroed on drop and
+/// never printed.
+#[derive(zeroize::ZeroizeOnDrop)]
 pub struct Unwrapped {
     pub master: MasterKey,
     pub login_secret: [u8; 32],
+}
+
+impl std::fmt::Debug for Unwrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Unwrapped(..)")
+    }
 }
 
 impl WrappedKey {

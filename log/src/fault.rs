@@ -177,4 +177,8 @@ impl Storage for FaultStorage {
     fn describe(&self, seg: u64) -> PathBuf {
         self.inner.describe(seg)
     }
+
+    fn space(&self) -> io::Result<Option<crate::storage::Space>> {
+        self.inner.space()
+    }
 }

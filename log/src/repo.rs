@@ -81,7 +81,10 @@ impl Repo {
     pub fn open(base: &Path, host: &str, opts: RepoOptions) -> Result<Repo> {
         check_host_name(host)?;
         let dir = base.join(host);
-        fs::create_dir_all(&dir).map_err(|e| Error::io("creating repository directory", &dir, e))?;
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(|e| Error::io("creating repository directory", &dir, e))?;
+            crate::storage::sync_dir(base).map_err(|e| Error::io("syncing", base, e))?;
+        }
         let lock = lock_dir(&dir)?;
         let storage: Arc<dyn Storage> = match opts.storage.clone() {
             Some(s) => s,
@@ -103,10 +106,11 @@ impl Repo {
         let mut index = index;
         let mut hint = index.applied()?;
         let (log, recovery) = Log::open(storage.clone(), opts.log, hint)?;
-        if let Some(h) = hint.filter(|h| *h > log.end()) {
-            // The index claims more than the log holds (the log was restored from an older
-            // copy, or lost data): it cannot be trusted, so it is rebuilt from the log.
-            tracing::warn!(index = %h, log = %log.end(), "index is ahead of the log; rebuilding it");
+        if let Some(h) = hint.filter(|h| *h > log.end() || !log.is_commit_end(*h)) {
+            // The index claims more than the log holds, or a position that is not the end of a
+            // batch (the log was restored from an older copy, lost data, or belongs to another
+            // history): it cannot be trusted, so it is rebuilt from the log.
+            tracing::warn!(index = %h, log = %log.end(), "index does not match the log; rebuilding it");
             drop(index);
             destroy_index(&index_dir)?;
             index = Index::open(&index_dir)?;
@@ -289,7 +293,13 @@ impl Repo {
             .zip(positions)
             .map(|((event, body), pos)| Applied { pos, event, body_len: body.len() as u32 })
             .collect();
-        self.index.apply(&applied, end)
+        let result = self.index.apply(&applied, end);
+        if result.is_err() {
+            // The batch is durable but the index does not show it; a later batch applied on top
+            // would hide the gap. Reopening replays the log from the index's position.
+            log.poison();
+        }
+        result
     }
 
     fn open_set_id(&self) -> Option<SetId> {
@@ -398,6 +408,11 @@ impl Repo {
 
 impl Drop for Repo {
     fn drop(&mut self) {
+        // After a failed write (a full disk, say) leave the index alone: RocksDB must not be
+        // asked to flush on top of a failed write, and the log replay covers whatever it lost.
+        if self.writer().is_poisoned() {
+            return;
+        }
         // Best effort: a flushed index opens without replaying its own WAL.
         if let Err(e) = self.index.flush() {
             tracing::warn!("flushing index: {e}");

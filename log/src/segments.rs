@@ -126,8 +126,9 @@ impl Log {
         let len = log.seg_len(last)?;
         let header = match log.segment_header(last, len) {
             Ok(h) => h,
-            Err(_) if len < SEGMENT_HEADER_LEN as u64 => {
-                // Creation was cut short before the header was durable: no record can be inside.
+            Err(_) if len < SEGMENT_HEADER_LEN as u64 || log.all_zero(last, len)? => {
+                // Creation was cut short before the header was durable (the file is shorter than a
+                // header, or its size reached the disk before its bytes): no record is inside.
                 let mut bytes = vec![0u8; len as usize];
                 log.read_exact(last, 0, &mut bytes)?;
                 storage
@@ -181,6 +182,29 @@ impl Log {
         Ok((log, recovery))
     }
 
+    /// Refuses further writes until the log is reopened: the caller could not finish what a
+    /// durable batch started (the index update after it failed).
+    pub fn poison(&mut self) {
+        self.poisoned = true;
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Whether `pos` is the end of a committed batch of this log (an index position that can be
+    /// trusted as a replay start).
+    pub fn is_commit_end(&self, pos: Pos) -> bool {
+        if pos == self.end() {
+            return true;
+        }
+        let len = match self.storage.len(pos.segment) {
+            Ok(l) => l,
+            Err(_) => return false,
+        };
+        pos.offset <= len && self.commit_ending_at(pos).is_ok()
+    }
+
     /// The position just after the last committed batch.
     pub fn end(&self) -> Pos {
         Pos { segment: self.segment, offset: self.end }
@@ -211,7 +235,7 @@ impl Log {
         frame::encode_record(&mut buf, BATCH_COMMIT, 1, &commit.encode(), &[]);
 
         let result = self.write_batch(&buf);
-        if result.is_err() {
+        if result.is_err() && !matches!(result, Err(Error::DiskFull { op: "reserving space in", .. })) {
             self.poisoned = true;
         }
         let start = result?;
@@ -224,6 +248,18 @@ impl Log {
     /// Writes one encoded batch, rolling to a new segment first when the current one is full.
     /// Returns the offset the batch starts at.
     fn write_batch(&mut self, buf: &[u8]) -> Result<u64> {
+        // Refuse before writing when the batch would eat into the reserve: a full disk then
+        // fails one backup cleanly instead of failing writes half-way (Borg PR #9853).
+        if let Some(space) =
+            self.storage.space().map_err(|e| Error::io("checking free space of", self.storage.describe(0), e))?
+        {
+            if (buf.len() as u64).saturating_add(space.reserve()) > space.free {
+                return Err(Error::DiskFull {
+                    op: "reserving space in",
+                    path: self.storage.describe(self.segment.max(1)),
+                });
+            }
+        }
         let header_only = self.end <= SEGMENT_HEADER_LEN as u64;
         if self.writer.is_none() || (!header_only && self.end + buf.len() as u64 > self.opts.segment_size) {
             let seg = self.segment + 1;
@@ -247,6 +283,15 @@ impl Log {
     /// Reads one record, checking both CRCs. Returns its header, meta and body.
     pub fn read(&self, pos: Pos) -> Result<(RecordHeader, Vec<u8>, Vec<u8>)> {
         read_record(self.storage.as_ref(), pos)
+    }
+
+    fn all_zero(&self, seg: u64, len: u64) -> Result<bool> {
+        if len > 16 << 20 {
+            return Ok(false);
+        }
+        let mut b = vec![0u8; len as usize];
+        self.read_exact(seg, 0, &mut b)?;
+        Ok(b.iter().all(|x| *x == 0))
     }
 
     fn seg_len(&self, seg: u64) -> Result<u64> {

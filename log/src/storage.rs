@@ -42,6 +42,25 @@ pub trait Storage: Send + Sync + Debug {
     fn quarantine(&self, seg: u64, offset: u64, bytes: &[u8]) -> io::Result<PathBuf>;
     /// A human-readable location of a segment, for messages.
     fn describe(&self, seg: u64) -> PathBuf;
+    /// Bytes that can still be written, and the capacity, if the backend knows them.
+    fn space(&self) -> io::Result<Option<Space>> {
+        Ok(None)
+    }
+}
+
+/// Free and total bytes of the file system holding the segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    pub free: u64,
+    pub total: u64,
+}
+
+impl Space {
+    /// Space kept free below every batch, so the index and the file system never run out
+    /// mid-write: 2% of the file system, at least 1 MiB and at most 64 MiB.
+    pub fn reserve(&self) -> u64 {
+        (self.total / 50).clamp(1 << 20, 64 << 20)
+    }
 }
 
 /// Segments as files `<dir>/<16 hex digits>.seg`.
@@ -55,7 +74,13 @@ pub struct DirStorage {
 impl DirStorage {
     /// Uses `dir` for segments and `quarantine` for cut-off bytes, creating both if needed.
     pub fn new(dir: &Path, quarantine: &Path) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        if !dir.is_dir() {
+            fs::create_dir_all(dir)?;
+            // The new directory entry must survive a power cut like the files inside it.
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
         Ok(DirStorage { dir: dir.to_owned(), quarantine: quarantine.to_owned(), readers: Mutex::new(HashMap::new()) })
     }
 
@@ -103,7 +128,7 @@ impl Storage for DirStorage {
         for entry in fs::read_dir(&self.dir)? {
             let name = entry?.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(hex) = name.strip_suffix(".seg") {
+            if let Some(hex) = name.strip_suffix(".seg").filter(|h| h.len() == 16) {
                 if let Ok(n) = u64::from_str_radix(hex, 16) {
                     out.push(n);
                 }
@@ -150,8 +175,15 @@ impl Storage for DirStorage {
 
     fn quarantine(&self, seg: u64, offset: u64, bytes: &[u8]) -> io::Result<PathBuf> {
         fs::create_dir_all(&self.quarantine)?;
-        let path = self.quarantine.join(format!("{seg:016x}-{offset:x}.tail"));
-        let mut f = File::create(&path)?;
+        // Never overwrite earlier quarantined bytes: the same offset can be cut more than once.
+        let (path, mut f) = (0u32..)
+            .map(|n| self.quarantine.join(format!("{seg:016x}-{offset:x}-{n}.tail")))
+            .find_map(|p| match OpenOptions::new().write(true).create_new(true).open(&p) {
+                Ok(f) => Some(Ok((p, f))),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
+                Err(e) => Some(Err(e)),
+            })
+            .expect("an unused quarantine name exists")?;
         f.write_all(bytes)?;
         f.sync_all()?;
         sync_dir(&self.quarantine)?;
@@ -160,5 +192,11 @@ impl Storage for DirStorage {
 
     fn describe(&self, seg: u64) -> PathBuf {
         self.path(seg)
+    }
+
+    fn space(&self) -> io::Result<Option<Space>> {
+        let st = nix::sys::statvfs::statvfs(&self.dir).map_err(io::Error::from)?;
+        let frag = st.fragment_size() as u64;
+        Ok(Some(Space { free: st.blocks_available() as u64 * frag, total: st.blocks() as u64 * frag }))
     }
 }

@@ -1,0 +1,613 @@
+//! The backup walk: one set per run, recording only what changed since the last completed set.
+//!
+//! The walk visits the given paths depth-first in name order, side by side with the same
+//! directories of the base set (the latest completed one). For every entry it decides:
+//! - unchanged (same device, inode, size, mtime, ctime and kind for files; the same metadata
+//!   apart from atime for everything else): nothing is written, the base row stays valid;
+//! - new or changed: a new version is written; a file is read, chunked and hashed, and only
+//!   chunks the repository lacks are encoded and sent;
+//! - gone (in the base set, not on disk, or now excluded): a deletion is written, for a
+//!   directory together with everything below it, so that a later directory of the same name
+//!   never sees stale children.
+//!
+//! Writes go out in bounded batches ([`BackupOptions::batch_bytes`]). Hashing and encoding of a
+//! batch run in parallel on all cores; every version is sent only after (or with) the chunks it
+//! references, which the repository checks. Nothing here knows whether the repository is local
+//! or remote: it only uses [`Repository`].
+
+use crate::error::{Error, Result};
+use crate::exclude::{ExcludeConfig, Rules};
+use crate::fsmeta::{self, Owners};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use tardis_core::api::{Repository, SetState, Write};
+use tardis_core::chunk::Chunker;
+use tardis_core::chunkcodec::{self, EncodedChunk};
+use tardis_core::crypto::Keys;
+use tardis_core::event::{EntryDeleted, Extent, FileVersion, SetStats};
+use tardis_core::ids::{ChunkId, DirId, NameKey, SetId};
+use tardis_core::meta::{FileMeta, Kind};
+use tardis_core::view::{self, Node, Tree};
+
+/// How to run a backup.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Set name; by default the seed's schedule names (see [`choose_name`]).
+    pub name: Option<String>,
+    pub priority: Option<u32>,
+    /// Read every file, even those whose stat says unchanged.
+    pub full: bool,
+    /// Descend into other file systems below the given paths.
+    pub crossdev: bool,
+    pub excludes: ExcludeConfig,
+    /// File data gathered before it is hashed, encoded and sent as one batch.
+    pub batch_bytes: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            name: None,
+            priority: None,
+            full: false,
+            crossdev: false,
+            excludes: ExcludeConfig::from_env(Vec::new(), Vec::new()),
+            batch_bytes: 32 << 20,
+        }
+    }
+}
+
+/// What a backup did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BackupStats {
+    pub set: SetId,
+    pub set_name: String,
+    pub priority: u32,
+    /// Entries in the set (files, directories, links, ...).
+    pub entries: u64,
+    pub files: u64,
+    /// Bytes of file data in the set.
+    pub bytes: u64,
+    /// Files whose contents were read in this run, and how many bytes.
+    pub files_read: u64,
+    pub bytes_read: u64,
+    /// Entries written as new versions, and entries deleted.
+    pub changed: u64,
+    pub deleted: u64,
+    /// Chunks sent to the repository and their stored size.
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+    /// Problems that did not stop the backup (unreadable or vanished files, sockets skipped).
+    pub warnings: Vec<String>,
+}
+
+/// Receives progress while a backup runs.
+pub trait Progress: Sync {
+    /// An entry is being looked at.
+    fn entry(&self, _path: &Path) {}
+    /// File bytes were read.
+    fn read(&self, _bytes: u64) {}
+}
+
+/// Reports nothing.
+#[derive(Debug)]
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// The seed's set naming: the first unused of the monthly, weekly, daily and hourly names (with
+/// priorities 40, 30, 20, 10), else a timestamped name with priority 0.
+pub fn choose_name(now: chrono::DateTime<chrono::Local>, taken: &HashSet<String>) -> (String, u32) {
+    let candidates = [
+        (now.format("Monthly-%Y-%m").to_string(), 40),
+        (now.format("Weekly-%Y-%U").to_string(), 30),
+        (now.format("Daily-%Y-%m-%d").to_string(), 20),
+        (now.format("Hourly-%Y-%m-%d-%H").to_string(), 10),
+    ];
+    for (name, prio) in candidates {
+        if !taken.contains(&name) {
+            return (name, prio);
+        }
+    }
+    (now.format("Backup_%Y-%m-%d_%H:%M:%S").to_string(), 0)
+}
+
+/// Makes `path` absolute and removes `.` and `..` lexically (symlinks are not followed, so a
+/// given symlink is backed up as a link).
+pub fn normalize(path: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(path).map_err(Error::io_at("resolving", path))?;
+    let mut out = PathBuf::from("/");
+    for c in abs.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The paths to back up as a tree: inner nodes are ancestors recorded for their metadata only,
+/// `full` nodes are backed up with everything below them.
+#[derive(Debug, Default)]
+struct Selection {
+    full: bool,
+    children: BTreeMap<Vec<u8>, Selection>,
+}
+
+impl Selection {
+    fn new(paths: &[PathBuf]) -> Selection {
+        let mut root = Selection::default();
+        for p in paths {
+            let mut node = &mut root;
+            for c in p.components() {
+                if let Component::Normal(n) = c {
+                    node = node.children.entry(n.as_bytes().to_vec()).or_default();
+                }
+            }
+            node.full = true;
+        }
+        root
+    }
+}
+
+/// Runs one backup of `paths` (absolute, normalized) into a new set and completes it.
+pub fn backup(
+    repo: &dyn Repository,
+    keys: &Keys,
+    paths: &[PathBuf],
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupStats> {
+    for p in paths {
+        fs::symlink_metadata(p).map_err(Error::io_at("reading", p))?;
+    }
+    let sets = repo.sets()?;
+    let base = sets.iter().rev().find(|s| s.state == SetState::Completed).map(|s| s.id);
+    let taken: HashSet<String> = sets.iter().filter(|s| s.is_live()).map(|s| s.name.clone()).collect();
+    let (name, prio) = match &opts.name {
+        Some(n) => (n.clone(), opts.priority.unwrap_or(0)),
+        None => {
+            let (n, p) = choose_name(chrono::Local::now(), &taken);
+            (n, opts.priority.unwrap_or(p))
+        }
+    };
+    let set = repo.open_set(&name, prio)?;
+    tracing::info!(set, name, base, "backup started");
+    let mut w = Walker {
+        repo,
+        keys,
+        set,
+        base: base.map(|b| Tree::new(repo, keys, b)),
+        opts,
+        progress,
+        owners: Owners::new(),
+        chunker: Chunker::default(),
+        batch: Batch::default(),
+        links: HashMap::new(),
+        stats: BackupStats { set, set_name: name, priority: prio, ..BackupStats::default() },
+    };
+    let selection = Selection::new(paths);
+    let base_root = match &w.base {
+        Some(t) => t.root()?,
+        None => None,
+    };
+    w.selected(Path::new("/"), &DirId::TOP, view::ROOT_NAME, &selection, base_root.as_ref())?;
+    w.flush()?;
+    let s = &w.stats;
+    let stats = SetStats {
+        entries: s.entries,
+        bytes: s.bytes,
+        changed: s.changed,
+        new_chunks: s.new_chunks,
+        new_bytes: s.new_bytes,
+    };
+    repo.complete_set(set, stats)?;
+    tracing::info!(set, "backup completed");
+    Ok(w.stats)
+}
+
+/// A file version waiting for its chunks to be hashed.
+#[derive(Debug)]
+struct PendingFile {
+    dir: DirId,
+    name: NameKey,
+    meta: FileMeta,
+    extents: Vec<Slot>,
+    link_key: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// Chunk data at this index of `Batch::raw`, at this file offset.
+    Raw {
+        offset: u64,
+        index: usize,
+    },
+    Known(Extent),
+}
+
+/// Writes gathered for the next append.
+#[derive(Debug, Default)]
+struct Batch {
+    raw: Vec<Vec<u8>>,
+    raw_bytes: usize,
+    /// Complete files whose versions go out with this batch.
+    files: Vec<PendingFile>,
+    /// Versions and deletions that reference no new chunk.
+    writes: Vec<Write>,
+}
+
+const MAX_BATCH_ENTRIES: usize = 20_000;
+
+struct Walker<'a> {
+    repo: &'a dyn Repository,
+    keys: &'a Keys,
+    set: SetId,
+    base: Option<Tree<'a>>,
+    opts: &'a BackupOptions,
+    progress: &'a dyn Progress,
+    owners: Owners,
+    chunker: Chunker,
+    batch: Batch,
+    /// Hard-linked files already read in this run: (dev, ino) → their extents (once known).
+    links: HashMap<(u64, u64), Option<Vec<Extent>>>,
+    stats: BackupStats,
+}
+
+/// Metadata equal apart from access time (which reading changes and nobody restores for).
+fn same_meta(a: &FileMeta, b: &FileMeta) -> bool {
+    FileMeta { atime: b.atime, ..a.clone() } == *b
+}
+
+impl Walker<'_> {
+    fn warn(&mut self, msg: String) {
+        tracing::warn!("{msg}");
+        self.stats.warnings.push(msg);
+    }
+
+    /// The base set's entries of directory `dir`, by name.
+    fn base_children(&self, dir: &DirId) -> Result<BTreeMap<Vec<u8>, Node>> {
+        let Some(t) = &self.base else { return Ok(BTreeMap::new()) };
+        Ok(t.children_of(dir)?.into_iter().map(|n| (n.meta.name.to_vec(), n)).collect())
+    }
+
+    /// An ancestor of the given paths (or one of them): recorded for its metadata, and only the
+    /// selected children are visited.
+    fn selected(
+        &mut self,
+        path: &Path,
+        parent: &DirId,
+        name: &[u8],
+        sel: &Selection,
+        base: Option<&Node>,
+    ) -> Result<()> {
+        if sel.full {
+            let rules = self.opts.excludes.root_rules(path)?;
+            let dev = fs::symlink_metadata(path).map_err(Error::io_at("reading", path))?.dev();
+            self.entry(path, parent, name, base, &rules, dev)?;
+            return Ok(());
+        }
+        let Some(meta) = fsmeta::capture(path, name, &mut self.owners)? else {
+            return Err(Error::Invalid(format!(
+                "{} is not a directory (a symlink?); give the path without symlinks",
+                path.display()
+            )));
+        };
+        let dir = self.keys.dir_id(parent, name);
+        let mut base_children = match base {
+            Some(b) if b.meta.kind == Kind::Dir => self.base_children(&dir)?,
+            _ => BTreeMap::new(),
+        };
+        for (cname, csel) in &sel.children {
+            let cbase = base_children.remove(cname);
+            let cpath = path.join(std::ffi::OsStr::from_bytes(cname));
+            self.selected(&cpath, &dir, cname, csel, cbase.as_ref())?;
+        }
+        for gone in base_children.values() {
+            self.delete(&dir, gone)?;
+        }
+        self.record(parent, name, meta, base)
+    }
+
+    /// Writes a new version of a non-file entry unless the base holds the same metadata.
+    fn record(&mut self, parent: &DirId, name: &[u8], meta: FileMeta, base: Option<&Node>) -> Result<()> {
+        self.stats.entries += 1;
+        if base.is_some_and(|b| same_meta(&b.meta, &meta)) {
+            return Ok(());
+        }
+        self.clear_stale_children(parent, name, &meta, base)?;
+        let key = self.keys.name_key(parent, name);
+        let sealed = view::seal_meta(self.keys, parent, &key, self.set, &meta)?;
+        self.stats.changed += 1;
+        self.batch.writes.push(Write::Version(FileVersion {
+            set: self.set,
+            dir: *parent,
+            name: key,
+            extents: Vec::new(),
+            meta: sealed,
+        }));
+        self.maybe_flush()
+    }
+
+    /// A directory replaced by something else loses its children too.
+    fn clear_stale_children(
+        &mut self,
+        parent: &DirId,
+        name: &[u8],
+        meta: &FileMeta,
+        base: Option<&Node>,
+    ) -> Result<()> {
+        if base.is_some_and(|b| b.meta.kind == Kind::Dir) && meta.kind != Kind::Dir {
+            let dir = self.keys.dir_id(parent, name);
+            for child in self.base_children(&dir)?.values() {
+                self.delete(&dir, child)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the deletion of a base entry and, for a directory, of everything below it.
+    fn delete(&mut self, parent: &DirId, node: &Node) -> Result<()> {
+        if node.meta.kind == Kind::Dir {
+            let dir = self.keys.dir_id(parent, &node.meta.name);
+            for child in self.base_children(&dir)?.values() {
+                self.delete(&dir, child)?;
+            }
+        }
+        self.stats.deleted += 1;
+        self.batch.writes.push(Write::Delete(EntryDeleted { set: self.set, dir: *parent, name: node.version.name }));
+        self.maybe_flush()
+    }
+
+    /// Backs up one entry and, for a directory, everything below it.
+    fn entry(
+        &mut self,
+        path: &Path,
+        parent: &DirId,
+        name: &[u8],
+        base: Option<&Node>,
+        rules: &Rules,
+        dev: u64,
+    ) -> Result<bool> {
+        self.progress.entry(path);
+        let meta = match fsmeta::capture(path, name, &mut self.owners) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                self.warn(format!("skipped socket {}", path.display()));
+                return Ok(false);
+            }
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                self.warn(format!("{} vanished during the backup", path.display()));
+                return Ok(false);
+            }
+            Err(e) => {
+                self.warn(format!("cannot back up {}: {e}", path.display()));
+                return Ok(false);
+            }
+        };
+        match meta.kind {
+            Kind::Dir => self.directory(path, parent, name, meta, base, rules, dev)?,
+            Kind::File => self.file(path, parent, name, meta, base)?,
+            _ => self.record(parent, name, meta, base)?,
+        }
+        Ok(true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn directory(
+        &mut self,
+        path: &Path,
+        parent: &DirId,
+        name: &[u8],
+        meta: FileMeta,
+        base: Option<&Node>,
+        rules: &Rules,
+        dev: u64,
+    ) -> Result<()> {
+        let dir = self.keys.dir_id(parent, name);
+        let mut base_children = match base {
+            Some(b) if b.meta.kind == Kind::Dir => self.base_children(&dir)?,
+            _ => BTreeMap::new(),
+        };
+        // Another file system below a given path is recorded as an empty mount point.
+        let descend = self.opts.crossdev || meta.dev == dev;
+        if descend {
+            let child_rules = match rules.enter_dir(path) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.warn(format!("ignoring exclude patterns of {}: {e}", path.display()));
+                    rules.clone()
+                }
+            };
+            let mut names: Vec<(Vec<u8>, bool)> = Vec::new();
+            match fs::read_dir(path) {
+                Ok(rd) => {
+                    for e in rd {
+                        match e {
+                            Ok(e) => {
+                                let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                                names.push((e.file_name().as_bytes().to_vec(), is_dir));
+                            }
+                            Err(e) => self.warn(format!("listing {}: {e}", path.display())),
+                        }
+                    }
+                }
+                Err(e) => self.warn(format!("cannot list {}: {e}", path.display())),
+            }
+            names.sort();
+            for (cname, is_dir) in names {
+                let cpath = path.join(std::ffi::OsStr::from_bytes(&cname));
+                if child_rules.is_excluded(&cpath, is_dir) || (is_dir && child_rules.skip_dir(&cpath)) {
+                    continue;
+                }
+                let cbase = base_children.remove(&cname);
+                self.entry(&cpath, &dir, &cname, cbase.as_ref(), &child_rules, dev)?;
+            }
+        }
+        for gone in base_children.values() {
+            self.delete(&dir, gone)?;
+        }
+        self.record(parent, name, meta, base)
+    }
+
+    fn file(
+        &mut self,
+        path: &Path,
+        parent: &DirId,
+        name: &[u8],
+        mut meta: FileMeta,
+        base: Option<&Node>,
+    ) -> Result<()> {
+        self.stats.entries += 1;
+        self.stats.files += 1;
+        self.stats.bytes += meta.size;
+        if !self.opts.full && base.is_some_and(|b| fsmeta::same_stat(&b.meta, &meta) && same_meta(&b.meta, &meta)) {
+            return Ok(());
+        }
+        self.clear_stale_children(parent, name, &meta, base)?;
+        let key = self.keys.name_key(parent, name);
+        self.stats.changed += 1;
+        let link_key = (meta.nlink > 1).then_some((meta.dev, meta.ino));
+        if let Some(lk) = link_key {
+            if self.links.get(&lk).is_some_and(|e| e.is_none()) {
+                // The first link's chunks are still in the batch: send them to learn its extents.
+                self.flush()?;
+            }
+            if let Some(Some(extents)) = self.links.get(&lk) {
+                let extents = extents.iter().map(|e| Slot::Known(*e)).collect();
+                self.batch.files.push(PendingFile { dir: *parent, name: key, meta, extents, link_key: None });
+                return self.maybe_flush();
+            }
+        }
+        let mut pending =
+            PendingFile { dir: *parent, name: key, meta: FileMeta::default(), extents: Vec::new(), link_key };
+        match self.read_file(path, &mut meta, &mut pending) {
+            Ok(()) => {}
+            Err(e) => {
+                // Chunks already gathered are harmless (unreferenced); the entry keeps its base
+                // version, or is left out if it is new.
+                self.warn(format!("cannot read {}: {e}", path.display()));
+                self.stats.changed -= 1;
+                return Ok(());
+            }
+        }
+        pending.meta = meta;
+        if let Some(lk) = link_key {
+            self.links.insert(lk, None);
+        }
+        self.batch.files.push(pending);
+        self.maybe_flush()
+    }
+
+    /// Reads a file's data regions into the batch; flushes when the batch is full.
+    fn read_file(&mut self, path: &Path, meta: &mut FileMeta, pending: &mut PendingFile) -> Result<()> {
+        let mut file = File::open(path).map_err(Error::io_at("opening", path))?;
+        let regions = if meta.sparse {
+            fsmeta::data_regions(&file, meta.size).map_err(Error::io_at("finding data regions of", path))?
+        } else {
+            vec![(0, meta.size)]
+        };
+        self.stats.files_read += 1;
+        let mut end = 0u64;
+        for (start, len) in regions {
+            file.seek(SeekFrom::Start(start)).map_err(Error::io_at("seeking in", path))?;
+            let reader = (&file).take(len);
+            for chunk in self.chunker.stream(reader) {
+                let chunk = chunk.map_err(Error::io_at("reading", path))?;
+                let n = chunk.data.len();
+                let offset = start + chunk.offset;
+                end = offset + n as u64;
+                self.stats.bytes_read += n as u64;
+                self.progress.read(n as u64);
+                pending.extents.push(Slot::Raw { offset, index: self.batch.raw.len() });
+                self.batch.raw.push(chunk.data);
+                self.batch.raw_bytes += n;
+                if self.batch.raw_bytes >= self.opts.batch_bytes {
+                    self.flush_with(Some(pending))?;
+                }
+            }
+        }
+        let after = file.metadata().map_err(Error::io_at("reading metadata of", path))?;
+        if !meta.sparse && end < meta.size {
+            self.warn(format!("{} shrank while being read; stored its first {end} bytes", path.display()));
+            meta.size = end;
+        } else if after.len() != meta.size
+            || after.mtime() != meta.mtime.sec
+            || after.mtime_nsec() as u32 != meta.mtime.nsec
+        {
+            self.warn(format!("{} changed while being read; stored what was read", path.display()));
+        }
+        Ok(())
+    }
+
+    fn maybe_flush(&mut self) -> Result<()> {
+        if self.batch.raw_bytes >= self.opts.batch_bytes
+            || self.batch.files.len() + self.batch.writes.len() >= MAX_BATCH_ENTRIES
+        {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.flush_with(None)
+    }
+
+    /// Hashes and encodes the gathered chunks in parallel, sends the missing ones with every
+    /// complete version, and resolves `current` (a file still being read) to known extents.
+    fn flush_with(&mut self, current: Option<&mut PendingFile>) -> Result<()> {
+        let batch = std::mem::take(&mut self.batch);
+        let keys = self.keys;
+        let ids: Vec<ChunkId> = batch.raw.par_iter().map(|d| keys.chunk_id(d)).collect();
+        let mut unique: Vec<usize> = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, id) in ids.iter().enumerate() {
+            if seen.insert(*id) {
+                unique.push(i);
+            }
+        }
+        let unique_ids: Vec<ChunkId> = unique.iter().map(|i| ids[*i]).collect();
+        let missing: HashSet<ChunkId> = self.repo.missing_chunks(&unique_ids)?.into_iter().collect();
+        let to_encode: Vec<usize> = unique.into_iter().filter(|i| missing.contains(&ids[*i])).collect();
+        let encoded: Vec<EncodedChunk> = to_encode
+            .par_iter()
+            .map(|i| chunkcodec::encode(keys, ids[*i], &batch.raw[*i]))
+            .collect::<tardis_core::Result<_>>()?;
+        let known = |slot: &Slot| match *slot {
+            Slot::Raw { offset, index } => Extent { offset, len: batch.raw[index].len() as u32, id: ids[index] },
+            Slot::Known(e) => e,
+        };
+        let mut writes: Vec<Write> = Vec::with_capacity(encoded.len() + batch.files.len() + batch.writes.len());
+        for c in encoded {
+            self.stats.new_chunks += 1;
+            self.stats.new_bytes += c.body.len() as u64;
+            writes.push(Write::Chunk(c));
+        }
+        for f in batch.files {
+            let extents: Vec<Extent> = f.extents.iter().map(known).collect();
+            if let Some(lk) = f.link_key {
+                self.links.insert(lk, Some(extents.clone()));
+            }
+            let sealed = view::seal_meta(keys, &f.dir, &f.name, self.set, &f.meta)?;
+            writes.push(Write::Version(FileVersion { set: self.set, dir: f.dir, name: f.name, extents, meta: sealed }));
+        }
+        writes.extend(batch.writes);
+        if let Some(cur) = current {
+            for s in cur.extents.iter_mut() {
+                *s = Slot::Known(known(s));
+            }
+        }
+        if !writes.is_empty() {
+            self.repo.append(self.set, writes)?;
+        }
+        Ok(())
+    }
+}

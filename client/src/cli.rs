@@ -1,0 +1,160 @@
+//! Command-line pieces shared by `tardis`, `tardis-tools`, `regenerate` and `tardisfs`: where the
+//! repository is, which host, the password options, logging, and `@file` argument files.
+
+use crate::error::{Error, Result};
+use clap::Args;
+use std::ffi::OsString;
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+use tardis_log::{Repo, RepoOptions};
+
+/// Which repository and host to use.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RepoArgs {
+    /// Repository directory [default: /srv/tardis as root, else $XDG_DATA_HOME/tardis]
+    #[arg(long, env = "TARDIS_DB", value_name = "DIR")]
+    pub db: Option<PathBuf>,
+    /// Host whose backups these are [default: this machine's host name]
+    #[arg(long, env = "TARDIS_HOST", value_name = "NAME")]
+    pub host: Option<String>,
+}
+
+impl RepoArgs {
+    /// The repository directory, with the seed's defaults.
+    pub fn db_dir(&self) -> PathBuf {
+        if let Some(d) = &self.db {
+            return d.clone();
+        }
+        if nix::unistd::geteuid().is_root() {
+            return PathBuf::from("/srv/tardis");
+        }
+        let data = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        data.join("tardis")
+    }
+
+    /// The host name, with the machine's host name as default.
+    pub fn host_name(&self) -> Result<String> {
+        if let Some(h) = &self.host {
+            return Ok(h.clone());
+        }
+        let h = nix::unistd::gethostname()
+            .map_err(|e| Error::Invalid(format!("reading the host name: {e}; give --host")))?;
+        h.into_string().map_err(|_| Error::Invalid("the host name is not UTF-8; give --host".into()))
+    }
+
+    /// Opens the embedded repository of the host. With `create`, the directories are made if
+    /// missing (a first backup); without, a host with no backups is an error.
+    pub fn open_local(&self, create: bool) -> Result<Repo> {
+        let db = self.db_dir();
+        let host = self.host_name()?;
+        if !create && !Repo::exists(&db, &host) {
+            return Err(Error::Invalid(format!(
+                "no backups of host {host} in {}; check --host and --db",
+                db.display()
+            )));
+        }
+        if create {
+            std::fs::create_dir_all(&db).map_err(Error::io_at("creating repository directory", &db))?;
+        }
+        Repo::open(&db, &host, RepoOptions::default())
+            .map_err(|e| Error::Invalid(format!("opening repository {} for host {host}: {e}", db.display())))
+    }
+}
+
+/// How the password is given (SPEC: `--password`, `--password-file`, `--password-prompt`).
+#[derive(Args, Debug, Clone, Default)]
+#[group(multiple = false)]
+pub struct PasswordArgs {
+    /// Password of the host's encryption key (visible to other users in `ps`; prefer the others)
+    #[arg(long, value_name = "PW")]
+    pub password: Option<String>,
+    /// Read the password from the first line of FILE
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Ask for the password on the terminal, without echo
+    #[arg(long)]
+    pub password_prompt: bool,
+}
+
+impl PasswordArgs {
+    /// The password, if one was given.
+    pub fn read(&self) -> Result<Option<Vec<u8>>> {
+        if let Some(p) = &self.password {
+            return Ok(Some(p.as_bytes().to_vec()));
+        }
+        if let Some(f) = &self.password_file {
+            let file = std::fs::File::open(f).map_err(Error::io_at("opening password file", f))?;
+            let mut line = String::new();
+            std::io::BufReader::new(file).read_line(&mut line).map_err(Error::io_at("reading password file", f))?;
+            let pw = line.trim_end_matches(['\n', '\r']);
+            if pw.is_empty() {
+                return Err(Error::Invalid(format!("password file {} is empty", f.display())));
+            }
+            return Ok(Some(pw.as_bytes().to_vec()));
+        }
+        if self.password_prompt {
+            let pw = rpassword::prompt_password("Password: ")
+                .map_err(|e| Error::io("reading password from", "the terminal", e))?;
+            return Ok(Some(pw.into_bytes()));
+        }
+        Ok(None)
+    }
+}
+
+/// Logging flags.
+#[derive(Args, Debug, Clone, Default)]
+pub struct LogArgs {
+    /// More output (repeat for more); RUST_LOG overrides
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+impl LogArgs {
+    /// Installs the tracing subscriber that writes to stderr.
+    pub fn init(&self) {
+        let level = match (self.quiet, self.verbose) {
+            (true, _) => "error",
+            (false, 0) => "warn",
+            (false, 1) => "info",
+            (false, 2) => "debug",
+            _ => "trace",
+        };
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .without_time()
+            .try_init();
+    }
+}
+
+/// The process arguments with `@file` arguments expanded (one argument per line).
+pub fn args() -> Vec<OsString> {
+    argfile::expand_args(argfile::parse_fromfile, argfile::PREFIX).unwrap_or_else(|e| {
+        eprintln!("error: reading an @file argument: {e}");
+        std::process::exit(2);
+    })
+}
+
+/// Prints an error chain the way every Tardis program does: `program: what: why: cause`.
+pub fn report(program: &str, err: &dyn std::error::Error) {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_msg = s.to_string();
+        if !msg.contains(&s_msg) {
+            msg.push_str(": ");
+            msg.push_str(&s_msg);
+        }
+        source = s.source();
+    }
+    eprintln!("{program}: {msg}");
+}

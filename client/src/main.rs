@@ -1,0 +1,169 @@
+//! `tardis`: back up file systems into a Tardis repository.
+
+use clap::Parser;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tardis_client::backup::{self, BackupOptions, BackupStats, Progress};
+use tardis_client::cli::{self, LogArgs, PasswordArgs, RepoArgs};
+use tardis_client::exclude::ExcludeConfig;
+use tardis_client::session::{self, IfMissing};
+
+/// Back up files incrementally into a Tardis repository.
+///
+/// Each run makes one backup set holding the given paths as they are now. Only what changed
+/// since the last set is read and stored; unchanged files cost a stat. Sets are named after the
+/// seed's schedule (Monthly-, Weekly-, Daily-, Hourly-<date>) unless --name is given.
+///
+/// Exit status: 0 success, 1 failure, 2 usage error, 3 completed with warnings (some files
+/// could not be read; see the messages). Arguments can be read from files: @FILE.
+#[derive(Parser, Debug)]
+#[command(name = "tardis", version, max_term_width = 100)]
+struct Cli {
+    /// Back up into the embedded repository at --db, with no server (required in this version)
+    #[arg(long)]
+    local: bool,
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Name of the new set [default: the first unused schedule name]
+    #[arg(long, value_name = "SET")]
+    name: Option<String>,
+    /// Priority of the new set, used by purge [default: 40 monthly, 30 weekly, 20 daily, 10 hourly, 0 other]
+    #[arg(long, value_name = "N")]
+    priority: Option<u32>,
+    #[command(flatten)]
+    password: PasswordArgs,
+    /// Read every file, even those whose size and times are unchanged
+    #[arg(long)]
+    full: bool,
+    /// Leave out entries matching PATTERN (shell glob; a pattern with '/' is anchored at each PATH)
+    #[arg(long, value_name = "PATTERN")]
+    exclude: Vec<String>,
+    /// Read exclude patterns from FILE, one per line
+    #[arg(long, value_name = "FILE")]
+    exclude_file: Vec<PathBuf>,
+    /// Descend into other file systems mounted below the given paths
+    #[arg(long)]
+    crossdev: bool,
+    /// Print the summary as one JSON object on stdout
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    log: LogArgs,
+    /// Files and directories to back up
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(cli::args());
+    cli.log.init();
+    if !cli.local {
+        eprintln!("tardis: --local is required: this version backs up into an embedded repository (see --help)");
+        return ExitCode::from(2);
+    }
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            cli::report("tardis", e.as_ref());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let password = cli.password.read()?;
+    let paths = cli.paths.iter().map(|p| backup::normalize(p)).collect::<Result<Vec<_>, _>>()?;
+    let host = cli.repo.host_name()?;
+    let repo = cli.repo.open_local(true)?;
+    let keys = session::open_keys(&repo, &host, password.as_deref(), IfMissing::Create)?;
+    let opts = BackupOptions {
+        name: cli.name.clone(),
+        priority: cli.priority,
+        full: cli.full,
+        crossdev: cli.crossdev,
+        excludes: ExcludeConfig::from_env(cli.exclude.clone(), cli.exclude_file.clone()),
+        ..BackupOptions::default()
+    };
+    let show_bar = !cli.json && !cli.log.quiet && std::io::stderr().is_terminal();
+    let bar = Bar::new(show_bar);
+    let stats = backup::backup(&repo, &keys, &paths, &opts, &bar)?;
+    bar.finish();
+    if cli.json {
+        println!("{}", serde_json::to_string(&stats)?);
+    } else {
+        print_summary(&host, &stats);
+    }
+    Ok(if stats.warnings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+fn print_summary(host: &str, s: &BackupStats) {
+    println!(
+        "set {} ({}, priority {}) of host {host}: {} entries, {} files, {}; read {} files ({}); \
+         {} changed, {} deleted; stored {} new chunks ({})",
+        s.set_name,
+        s.set,
+        s.priority,
+        s.entries,
+        s.files,
+        human(s.bytes),
+        s.files_read,
+        human(s.bytes_read),
+        s.changed,
+        s.deleted,
+        s.new_chunks,
+        human(s.new_bytes),
+    );
+    if !s.warnings.is_empty() {
+        println!("{} warnings (listed above); exit status 3", s.warnings.len());
+    }
+}
+
+fn human(bytes: u64) -> String {
+    indicatif::HumanBytes(bytes).to_string()
+}
+
+/// A progress line on a terminal: bytes read, rate, entries and the current path.
+struct Bar {
+    bar: Option<indicatif::ProgressBar>,
+    entries: AtomicU64,
+}
+
+impl Bar {
+    fn new(show: bool) -> Bar {
+        let bar = show.then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed} {bytes} read ({bytes_per_sec}) {msg}")
+                    .expect("the template is valid"),
+            );
+            b.enable_steady_tick(std::time::Duration::from_millis(200));
+            b
+        });
+        Bar { bar, entries: AtomicU64::new(0) }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn entry(&self, path: &Path) {
+        let n = self.entries.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(b) = &self.bar {
+            if n % 64 == 1 {
+                b.set_message(format!("{n} entries  {}", path.display()));
+            }
+        }
+    }
+
+    fn read(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! `tardis --local` and `regenerate`/`tardis-tools` end to end, on real trees, as root.
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use tardis_tests::{assert_same, bin, du, manifest, noise, run, run_s};
+
+fn set_mtime(path: &Path, sec: i64, nsec: i64) {
+    let ts = nix::sys::time::TimeSpec::new(sec, nsec);
+    nix::sys::stat::utimensat(None, path, &ts, &ts, nix::sys::stat::UtimensatFlags::NoFollowSymlink).unwrap();
+}
+
+/// A tree with every kind of entry Tardis saves.
+fn build_tree(root: &Path) {
+    fs::create_dir_all(root.join("dir/deeper")).unwrap();
+    fs::write(root.join("plain.txt"), "hello tardis\n").unwrap();
+    fs::write(root.join("dir/deeper/nested.txt"), "nested ".repeat(1000)).unwrap();
+    fs::write(root.join("empty"), "").unwrap();
+    fs::write(root.join("dir/big.bin"), noise(3_000_000, 5)).unwrap();
+    // Sparse: 1 MiB of data, a 20 MiB hole, then more data.
+    let mut f = File::create(root.join("sparse.img")).unwrap();
+    f.write_all(&vec![7u8; 1 << 20]).unwrap();
+    f.set_len(21 << 20).unwrap();
+    drop(f);
+    let f = fs::OpenOptions::new().append(true).open(root.join("sparse.img")).unwrap();
+    (&f).write_all(b"tail data").unwrap();
+    symlink("plain.txt", root.join("link")).unwrap();
+    symlink("/nonexistent/target", root.join("dangling")).unwrap();
+    fs::hard_link(root.join("plain.txt"), root.join("dir/hardlink")).unwrap();
+    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
+    nix::sys::stat::mknod(
+        &root.join("null-dev"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let odd = root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9"));
+    fs::write(&odd, "not utf-8 name").unwrap();
+    fs::write(root.join("secret"), "mode 600").unwrap();
+    fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(root.join("setuid"), "suid").unwrap();
+    fs::set_permissions(root.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
+    nix::unistd::chown(&root.join("secret"), Some(1234.into()), Some(5678.into())).unwrap();
+    xattr::set(root.join("plain.txt"), "user.comment", b"a comment").unwrap();
+    xattr::set(root.join("dir"), "user.dirattr", b"\x00\x01binary").unwrap();
+    let acl = Command::new("setfacl")
+        .args(["-m", "u:1234:r"])
+        .arg(root.join("dir/big.bin"))
+        .status()
+        .expect("setfacl (package acl)");
+    assert!(acl.success());
+    set_mtime(&root.join("plain.txt"), 1_600_000_000, 123_456_789);
+    set_mtime(&root.join("link"), 1_500_000_000, 987_654_321);
+    // A socket is skipped with a note.
+    let _sock = std::os::unix::net::UnixListener::bind(root.join("socket")).unwrap();
+}
+
+/// Changes of every kind: edit, delete, rename, new files, xattrs and modes.
+fn change_tree(root: &Path) {
+    fs::write(root.join("plain.txt"), "hello again, tardis\n").unwrap();
+    fs::remove_file(root.join("empty")).unwrap();
+    fs::rename(root.join("dir/deeper"), root.join("moved")).unwrap();
+    fs::write(root.join("new.txt"), "brand new").unwrap();
+    fs::create_dir(root.join("newdir")).unwrap();
+    fs::write(root.join("newdir/inside"), "x".repeat(5000)).unwrap();
+    xattr::set(root.join("plain.txt"), "user.comment", b"changed comment").unwrap();
+    xattr::remove(root.join("dir"), "user.dirattr").unwrap();
+    fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::remove_file(root.join("link")).unwrap();
+    fs::create_dir(root.join("link")).unwrap(); // a symlink that became a directory
+}
+
+fn backup(db: &Path, host: &str, pw: &str, path: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let mut args: Vec<&OsStr> =
+        vec![OsStr::new("--local"), OsStr::new("--db"), db.as_os_str(), OsStr::new("--host"), OsStr::new(host)];
+    args.extend([OsStr::new("--password"), OsStr::new(pw), OsStr::new("--json")]);
+    args.extend(extra.iter().map(OsStr::new));
+    args.push(path.as_os_str());
+    let out = run("tardis", &args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), json, stderr)
+}
+
+fn regenerate(db: &Path, host: &str, pw: &str, set: &str, path: &Path, out: &Path) {
+    let args: Vec<&OsStr> = vec![
+        "--db".as_ref(),
+        db.as_os_str(),
+        "--host".as_ref(),
+        host.as_ref(),
+        "--password".as_ref(),
+        pw.as_ref(),
+        "--set".as_ref(),
+        set.as_ref(),
+        "-o".as_ref(),
+        out.as_os_str(),
+        path.as_os_str(),
+    ];
+    let r = run("regenerate", &args);
+    assert!(r.status.success(), "regenerate failed: {}", String::from_utf8_lossy(&r.stderr));
+}
+
+#[test]
+fn two_sets_of_every_kind_of_entry_regenerate_exactly() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let db = work.path().join("db");
+    build_tree(&src);
+    let m1 = manifest(&src);
+
+    let (code, s1, err) = backup(&db, "h", "pw", &src, &["--name", "first"]);
+    assert_eq!(code, 3, "a skipped socket makes the run end with warnings: {err}");
+    assert!(err.contains("skipped socket"), "{err}");
+    assert!(s1["files_read"].as_u64().unwrap() >= 8);
+
+    change_tree(&src);
+    fs::remove_file(src.join("socket")).unwrap();
+    let m2 = manifest(&src);
+    let (code, s2, err) = backup(&db, "h", "pw", &src, &["--name", "second"]);
+    assert_eq!(code, 0, "{err}");
+    // Only what changed was read: not the 3 MB file, not the sparse image.
+    assert!(s2["bytes_read"].as_u64().unwrap() < 100_000, "{s2}");
+    assert!(s2["deleted"].as_u64().unwrap() >= 3, "{s2}");
+
+    for (set, expected) in [("first", &m1), ("second", &m2)] {
+        let out = work.path().join(format!("out-{set}"));
+        regenerate(&db, "h", "pw", set, &src, &out);
+        assert_same(expected, &manifest(&out), set);
+    }
+    // Sparse holes are kept.
+    let restored = work.path().join("out-first/sparse.img");
+    assert!(fs::metadata(&restored).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512 < (21 << 20)).unwrap());
+
+    // A single file to stdout, and tools that list what is there.
+    let out = run_s(
+        "regenerate",
+        &["--db", db.to_str().unwrap(), "--host", "h", "--password", "pw", src.join("new.txt").to_str().unwrap()],
+    );
+    assert_eq!(out.stdout, b"brand new");
+    let sets = run_s("tardis-tools", &["--db", db.to_str().unwrap(), "--host", "h", "--password", "pw", "sets"]);
+    let sets = String::from_utf8_lossy(&sets.stdout);
+    assert!(sets.contains("first") && sets.contains("second"), "{sets}");
+    let diff = run_s(
+        "tardis-tools",
+        &[
+            "--db",
+            db.to_str().unwrap(),
+            "--host",
+            "h",
+            "--password",
+            "pw",
+            "diff",
+            "first",
+            "second",
+            src.to_str().unwrap(),
+        ],
+    );
+    let diff = String::from_utf8_lossy(&diff.stdout);
+    for line in ["+ ", "- ", "M "] {
+        assert!(diff.lines().any(|l| l.starts_with(line)), "diff lacks {line:?}: {diff}");
+    }
+    assert!(diff.contains(&format!("M {}", src.join("plain.txt").display())), "{diff}");
+    assert!(diff.contains(&format!("- {}", src.join("empty").display())), "{diff}");
+    assert!(diff.contains(&format!("+ {}", src.join("new.txt").display())), "{diff}");
+    let versions = run_s(
+        "tardis-tools",
+        &[
+            "--db",
+            db.to_str().unwrap(),
+            "--host",
+            "h",
+            "--password",
+            "pw",
+            "ls",
+            "--versions",
+            src.join("plain.txt").to_str().unwrap(),
+        ],
+    );
+    let versions = String::from_utf8_lossy(&versions.stdout);
+    assert_eq!(versions.lines().count(), 2, "{versions}");
+    // The index rebuilt from the log serves the same restore.
+    let r = run_s("tardis-tools", &["--db", db.to_str().unwrap(), "--host", "h", "rebuild-index"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = work.path().join("out-after-rebuild");
+    regenerate(&db, "h", "pw", "first", &src, &out);
+    assert_same(&m1, &manifest(&out), "first after rebuild-index");
+}
+
+#[test]
+fn unchanged_tree_of_10000_files_reads_nothing_and_stores_little() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    for d in 0..100 {
+        let dir = src.join(format!("d{d:03}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            fs::write(dir.join(format!("f{f:03}")), format!("file {d} {f}")).unwrap();
+        }
+    }
+    let db = work.path().join("db");
+    let (code, first, err) = backup(&db, "h", "pw", &src, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(first["files_read"], 10_000);
+    let before = du(&db.join("h/segments"));
+    let (code, second, err) = backup(&db, "h", "pw", &src, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(second["files_read"], 0, "{second}");
+    assert_eq!(second["files"], 10_000);
+    let grown = du(&db.join("h/segments")) - before;
+    assert!(grown < 4096, "an unchanged backup stored {grown} bytes of events");
+    eprintln!("unchanged 10,000-file backup added {grown} bytes to the log");
+}
+
+#[test]
+fn sigkill_mid_backup_loses_nothing_and_the_next_run_reuses_stored_chunks() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let db = work.path().join("db");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("small"), "the first set").unwrap();
+    let (code, _, err) = backup(&db, "h", "pw", &src, &["--name", "before"]);
+    assert_eq!(code, 0, "{err}");
+    let m_before = manifest(&src);
+    // 48 files of 4 MiB of noise: enough to kill the backup in the middle.
+    for i in 0..48u64 {
+        fs::write(src.join(format!("big{i:02}")), noise(4 << 20, i + 1)).unwrap();
+    }
+    let mut child = Command::new(bin("tardis"))
+        .args(["--local", "--db"])
+        .arg(&db)
+        .args(["--host", "h", "--password", "pw", "--name", "killed"])
+        .arg(&src)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until a good part of the data is durable, then kill.
+    let segs = db.join("h/segments");
+    let base_size = du(&segs);
+    loop {
+        if du(&segs) > 100 << 20 {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("backup finished before it could be killed: {status}");
+        }
+        std::thread::yield_now();
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    let stored_by_killed = du(&segs);
+
+    let (code, again, err) = backup(&db, "h", "pw", &src, &["--name", "after"]);
+    assert_eq!(code, 0, "{err}");
+    // The rerun sends at most what the killed run had not made durable, plus the one batch
+    // (32 MiB) that was in flight when it died (RELIABILITY C7).
+    let total = 48u64 * (4 << 20);
+    let sent = again["new_bytes"].as_u64().unwrap();
+    let durable = stored_by_killed - base_size;
+    assert!(sent < total, "nothing was reused");
+    assert!(
+        sent <= total - durable + (33 << 20),
+        "the rerun stored {sent} of {total} bytes again; {durable} were on disk"
+    );
+    eprintln!("killed after {durable} bytes; the rerun sent {sent} of {total} bytes");
+    let sent = again["new_bytes"].as_u64().unwrap();
+    assert!(
+        sent < total - (40 << 20),
+        "the rerun stored {sent} of {total} bytes again (killed run had {stored_by_killed})"
+    );
+    let out = work.path().join("out-before");
+    regenerate(&db, "h", "pw", "before", &src, &out);
+    assert_same(&m_before, &manifest(&out), "set before the kill");
+    let out = work.path().join("out-after");
+    regenerate(&db, "h", "pw", "after", &src, &out);
+    assert_same(&manifest(&src), &manifest(&out), "set after the kill");
+    let sets =
+        run_s("tardis-tools", &["--db", db.to_str().unwrap(), "--host", "h", "--password", "pw", "sets", "--json"]);
+    let sets = String::from_utf8_lossy(&sets.stdout);
+    assert!(sets.lines().any(|l| l.contains("\"killed\"") && l.contains("\"incomplete\"")), "{sets}");
+}
+
+fn one_line_error(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    err
+}
+
+#[test]
+fn bad_input_fails_with_one_clear_line_and_damages_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let db = work.path().join("db");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), "data").unwrap();
+    let (code, _, err) = backup(&db, "h", "right", &src, &["--name", "good"]);
+    assert_eq!(code, 0, "{err}");
+    let segs_before = du(&db.join("h/segments"));
+
+    // Wrong password: stops before writing anything.
+    let out = run_s(
+        "tardis",
+        &["--local", "--db", db.to_str().unwrap(), "--host", "h", "--password", "wrong", src.to_str().unwrap()],
+    );
+    let err = one_line_error(&out);
+    assert!(err.contains("wrong password for host h"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(du(&db.join("h/segments")), segs_before);
+
+    // Missing path.
+    let out = run_s(
+        "tardis",
+        &["--local", "--db", db.to_str().unwrap(), "--host", "h", "--password", "right", "/nonexistent/path"],
+    );
+    let err = one_line_error(&out);
+    assert!(err.contains("/nonexistent/path"), "{err}");
+
+    // Unusable --db (a file, not a directory).
+    let not_dir = work.path().join("plainfile");
+    fs::write(&not_dir, "x").unwrap();
+    let out = run_s("tardis", &["--local", "--db", not_dir.to_str().unwrap(), "--host", "h", src.to_str().unwrap()]);
+    let err = one_line_error(&out);
+    assert!(err.contains(not_dir.to_str().unwrap()), "{err}");
+
+    // No password for an encrypted host, and a password for an unencrypted one.
+    let out = run_s("tardis", &["--local", "--db", db.to_str().unwrap(), "--host", "h", src.to_str().unwrap()]);
+    assert!(one_line_error(&out).contains("encrypted"));
+
+    // Usage errors exit 2.
+    let out = run_s("tardis", &["--local"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = work.path().join("out");
+    regenerate(&db, "h", "right", "good", &src, &out);
+    assert_eq!(fs::read(out.join("f")).unwrap(), b"data");
+}
+
+#[test]
+fn full_disk_fails_the_backup_and_keeps_earlier_sets() {
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("db");
+    fs::create_dir_all(&db).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"]).arg(&db).status().unwrap();
+    assert!(mounted.success(), "mounting a small tmpfs needs root");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&db);
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("small"), "fits").unwrap();
+    let (code, _, err) = backup(&db, "h", "pw", &src, &["--name", "fits"]);
+    assert_eq!(code, 0, "{err}");
+    let m = manifest(&src);
+    fs::write(src.join("too-big"), noise(12 << 20, 99)).unwrap();
+    let (code, _, err) = backup(&db, "h", "pw", &src, &["--name", "too-big"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("disk full"), "{err}");
+    fs::remove_file(src.join("too-big")).unwrap();
+    let out = work.path().join("out");
+    regenerate(&db, "h", "pw", "fits", &src, &out);
+    assert_same(&m, &manifest(&out), "set before the disk filled up");
+}

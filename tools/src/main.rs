@@ -1,0 +1,128 @@
+//! `tardis-tools`: restore, inspect, compare and maintain a host's backups.
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tardis_client::cli::{self, LogArgs, PasswordArgs, RepoArgs};
+use tardis_client::session::{self, IfMissing};
+use tardis_core::view::Tree;
+use tardis_log::{Repo, RepoOptions};
+use tardis_tools::regenerate::RegenerateArgs;
+use tardis_tools::{diff, listing, regenerate, select};
+
+/// Restore, inspect, compare and maintain Tardis backups.
+///
+/// Works on the embedded repository at --db (the one `tardis --local` writes). Arguments can be
+/// read from files: @FILE. Exit status: 0 success, 1 failure, 2 usage error.
+#[derive(Parser, Debug)]
+#[command(name = "tardis-tools", version, max_term_width = 100)]
+struct Cli {
+    #[command(flatten)]
+    repo: RepoArgs,
+    #[command(flatten)]
+    password: PasswordArgs,
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List every backup set: name, state, priority, time, size and what it added
+    Sets {
+        /// One JSON object per set on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a directory of a set like `ls -l`, or every version of a path with --versions
+    Ls {
+        /// Set to list [default: the latest completed set]
+        #[arg(long, value_name = "SET")]
+        set: Option<String>,
+        /// List every set that holds a different version of PATH
+        #[arg(long)]
+        versions: bool,
+        /// Absolute path as it was backed up
+        #[arg(default_value = "/")]
+        path: PathBuf,
+    },
+    /// Restore files or trees from a set, bit-exact with their metadata
+    Regenerate(RegenerateArgs),
+    /// Entries added (+), removed (-) and changed (M) between two sets
+    Diff {
+        set1: String,
+        set2: String,
+        /// Only compare below this path
+        #[arg(default_value = "/")]
+        path: PathBuf,
+    },
+    /// Rebuild the index from the segment log alone
+    RebuildIndex,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(cli::args());
+    cli.log.init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            cli::report("tardis-tools", e.as_ref());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Command::RebuildIndex = cli.command {
+        let db = cli.repo.db_dir();
+        let host = cli.repo.host_name()?;
+        if !Repo::exists(&db, &host) {
+            bail!("no backups of host {host} in {}; check --host and --db", db.display());
+        }
+        let stats = Repo::rebuild_index(&db, &host, RepoOptions::default())?;
+        println!(
+            "rebuilt the index of host {host} from {} segments, {} batches, {} records",
+            stats.segments, stats.batches, stats.records
+        );
+        for d in &stats.damage {
+            println!("damaged records in segment {} at offset {}..{}: {}", d.segment, d.offset, d.resume, d.reason);
+        }
+        if !stats.damage.is_empty() {
+            bail!("the log has damaged records (listed above); sets that depend on them cannot be fully restored");
+        }
+        return Ok(());
+    }
+    let password = cli.password.read()?;
+    let host = cli.repo.host_name()?;
+    let repo = cli.repo.open_local(false)?;
+    let keys = session::open_keys(&repo, &host, password.as_deref(), IfMissing::Fail)?;
+    match cli.command {
+        Command::Sets { json } => listing::sets(&repo, json),
+        Command::Ls { set, versions, path } => {
+            if versions {
+                return listing::versions(&repo, &keys, path.as_os_str().as_bytes());
+            }
+            let info = select::pick(&repo, set.as_deref(), None)?;
+            listing::ls(&Tree::new(&repo, &keys, info.id), path.as_os_str().as_bytes())
+        }
+        Command::Regenerate(args) => regenerate::run(&repo, &keys, &args),
+        Command::Diff { set1, set2, path } => {
+            let a = select::pick(&repo, Some(&set1), None)?;
+            let b = select::pick(&repo, Some(&set2), None)?;
+            let (ta, tb) = (Tree::new(&repo, &keys, a.id), Tree::new(&repo, &keys, b.id));
+            for c in diff::diff(&ta, &tb, path.as_os_str().as_bytes())? {
+                let (tag, p) = match c {
+                    diff::Change::Added(p) => ('+', p),
+                    diff::Change::Removed(p) => ('-', p),
+                    diff::Change::Changed(p) => ('M', p),
+                };
+                println!("{tag} {}", String::from_utf8_lossy(&p));
+            }
+            Ok(())
+        }
+        Command::RebuildIndex => unreachable!("handled before the repository is opened"),
+    }
+}

@@ -1,0 +1,78 @@
+//! Picking a set: by name (`--set`), by time (`--time`: the last set completed at or before it),
+//! or the latest completed set.
+
+use anyhow::{anyhow, bail, Context, Result};
+use chrono::{Local, NaiveDate, NaiveDateTime, TimeZone};
+use tardis_core::api::{Repository, SetInfo};
+
+/// Parses "2026-11-26 10:00[:00]", "2026-11-26", "now", "today", "yesterday" or "N days ago",
+/// in local time, into Unix nanoseconds.
+pub fn parse_when(s: &str) -> Result<i64> {
+    let s = s.trim();
+    let now = Local::now();
+    let midnight = |d: NaiveDate| d.and_hms_opt(23, 59, 59).expect("valid time");
+    let naive: NaiveDateTime = match s {
+        "now" => now.naive_local(),
+        "today" => midnight(now.date_naive()),
+        "yesterday" => midnight(now.date_naive().pred_opt().ok_or_else(|| anyhow!("date out of range"))?),
+        _ => {
+            if let Some(n) = s.strip_suffix(" days ago").and_then(|n| n.trim().parse::<i64>().ok()) {
+                (now - chrono::Duration::days(n)).naive_local()
+            } else if let Ok(t) = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S") {
+                t
+            } else if let Ok(t) = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M") {
+                t
+            } else if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+                midnight(d)
+            } else {
+                bail!("cannot read the time {s:?}: use \"YYYY-MM-DD HH:MM\", \"YYYY-MM-DD\", \"yesterday\" or \"N days ago\"")
+            }
+        }
+    };
+    let t = Local
+        .from_local_datetime(&naive)
+        .earliest()
+        .ok_or_else(|| anyhow!("{s:?} does not exist in the local time zone"))?;
+    t.timestamp_nanos_opt().context("time out of range")
+}
+
+/// The set to read: `--set NAME`, else `--time WHEN`, else the latest completed set.
+pub fn pick(repo: &dyn Repository, name: Option<&str>, when: Option<&str>) -> Result<SetInfo> {
+    let sets: Vec<SetInfo> = repo.sets()?.into_iter().filter(|s| s.is_live()).collect();
+    if let Some(n) = name {
+        return sets
+            .into_iter()
+            .rev()
+            .find(|s| s.name == n)
+            .ok_or_else(|| anyhow!("no completed set named {n}; see `tardis-tools sets`"));
+    }
+    if let Some(w) = when {
+        let t = parse_when(w)?;
+        return sets
+            .into_iter()
+            .rev()
+            .find(|s| s.finished.is_some_and(|f| f <= t))
+            .ok_or_else(|| anyhow!("no set completed at or before {w}"));
+    }
+    sets.into_iter().next_back().ok_or_else(|| anyhow!("the host has no completed backup yet"))
+}
+
+/// Formats Unix nanoseconds as local "YYYY-MM-DD HH:MM:SS".
+pub fn format_time(nanos: i64) -> String {
+    Local.timestamp_nanos(nanos).format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse() {
+        assert!(parse_when("2026-11-26 10:00").is_ok());
+        assert!(parse_when("2026-11-26 10:00:30").is_ok());
+        assert!(parse_when("2026-11-26").unwrap() > parse_when("2026-11-26 10:00").unwrap());
+        assert!(parse_when("yesterday").unwrap() < parse_when("now").unwrap());
+        assert!(parse_when("3 days ago").unwrap() < parse_when("yesterday").unwrap());
+        assert!(parse_when("last tuesday").is_err());
+    }
+}
