@@ -10,8 +10,12 @@
 //!   directory together with everything below it, so that a later directory of the same name
 //!   never sees stale children.
 //!
-//! Writes go out in bounded batches ([`BackupOptions::batch_bytes`]). Hashing and encoding of a
-//! batch run in parallel on all cores; every version is sent only after (or with) the chunks it
+//! Two stages run at once. The walk reads files, cuts them into chunks and hashes them (BLAKE3 is
+//! an order of magnitude faster than compression, so one thread keeps up), and hands bounded
+//! batches ([`BackupOptions::batch_bytes`]) to a sender thread. The sender asks the repository
+//! which chunks it lacks, compresses and seals those on all cores, and appends the batch. At most
+//! two batches wait between the stages, so memory stays bounded whatever the tree size. Batches
+//! are appended in order, so every version reaches the repository after (or with) the chunks it
 //! references, which the repository checks. Nothing here knows whether the repository is local
 //! or remote: it only uses [`Repository`].
 
@@ -26,12 +30,13 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc;
 use tardis_core::api::{Repository, SetState, Write};
 use tardis_core::chunk::Chunker;
 use tardis_core::chunkcodec::{self, EncodedChunk};
 use tardis_core::crypto::Keys;
 use tardis_core::event::{EntryDeleted, Extent, FileVersion, SetStats};
-use tardis_core::ids::{ChunkId, DirId, NameKey, SetId};
+use tardis_core::ids::{ChunkId, DirId, SetId};
 use tardis_core::meta::{FileMeta, Kind};
 use tardis_core::view::{self, Node, Tree};
 
@@ -181,74 +186,80 @@ pub fn backup(
     };
     let set = repo.open_set(&name, prio)?;
     tracing::info!(set, name, base, "backup started");
-    let mut w = Walker {
-        repo,
-        keys,
-        set,
-        base: base.map(|b| Tree::new(repo, keys, b)),
-        opts,
-        progress,
-        owners: Owners::new(),
-        chunker: Chunker::default(),
-        batch: Batch::default(),
-        links: HashMap::new(),
-        stats: BackupStats { set, set_name: name, priority: prio, ..BackupStats::default() },
-    };
-    let selection = Selection::new(paths);
-    let base_root = match &w.base {
-        Some(t) => t.root()?,
-        None => None,
-    };
-    w.selected(Path::new("/"), &DirId::TOP, view::ROOT_NAME, &selection, base_root.as_ref())?;
-    w.flush()?;
-    let s = &w.stats;
-    let stats = SetStats {
-        entries: s.entries,
-        bytes: s.bytes,
-        changed: s.changed,
-        new_chunks: s.new_chunks,
-        new_bytes: s.new_bytes,
-    };
-    repo.complete_set(set, stats)?;
+    let mut stats = BackupStats { set, set_name: name, priority: prio, ..BackupStats::default() };
+    let (tx, rx) = mpsc::sync_channel::<Batch>(1);
+    let (walked, sent) = std::thread::scope(|scope| {
+        let sender = scope.spawn(move || send_batches(repo, keys, set, rx));
+        let mut w = Walker {
+            keys,
+            set,
+            base: base.map(|b| Tree::new(repo, keys, b)),
+            opts,
+            progress,
+            owners: Owners::new(),
+            chunker: Chunker::default(),
+            batch: Batch::default(),
+            tx: Some(tx),
+            links: HashMap::new(),
+            stats: &mut stats,
+        };
+        let walked = w.walk(paths);
+        // Dropping the walker closes the channel, so the sender finishes.
+        drop(w);
+        let sent = sender.join().unwrap_or_else(|_| Err(Error::Invalid("the sender thread panicked".into())));
+        (walked, sent)
+    });
+    // The sender's error explains a walk that stopped because its batches were refused.
+    let (new_chunks, new_bytes) = sent?;
+    walked?;
+    stats.new_chunks = new_chunks;
+    stats.new_bytes = new_bytes;
+    let totals = SetStats { entries: stats.entries, bytes: stats.bytes, changed: stats.changed, new_chunks, new_bytes };
+    repo.complete_set(set, totals)?;
     tracing::info!(set, "backup completed");
-    Ok(w.stats)
+    Ok(stats)
 }
 
-/// A file version waiting for its chunks to be hashed.
-#[derive(Debug)]
-struct PendingFile {
-    dir: DirId,
-    name: NameKey,
-    meta: FileMeta,
-    extents: Vec<Slot>,
-    link_key: Option<(u64, u64)>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Slot {
-    /// Chunk data at this index of `Batch::raw`, at this file offset.
-    Raw {
-        offset: u64,
-        index: usize,
-    },
-    Known(Extent),
-}
-
-/// Writes gathered for the next append.
+/// Work handed from the walk to the sender: hashed chunk data and versions/deletions.
 #[derive(Debug, Default)]
 struct Batch {
-    raw: Vec<Vec<u8>>,
-    raw_bytes: usize,
-    /// Complete files whose versions go out with this batch.
-    files: Vec<PendingFile>,
-    /// Versions and deletions that reference no new chunk.
+    chunks: Vec<(ChunkId, Vec<u8>)>,
+    ids: HashSet<ChunkId>,
+    bytes: usize,
     writes: Vec<Write>,
 }
 
 const MAX_BATCH_ENTRIES: usize = 20_000;
 
-struct Walker<'a> {
-    repo: &'a dyn Repository,
+/// The sender stage: for each batch in order, finds the chunks the repository lacks, encodes
+/// them on all cores and appends them with the batch's versions. Returns the number of chunks
+/// and stored bytes it added.
+fn send_batches(repo: &dyn Repository, keys: &Keys, set: SetId, rx: mpsc::Receiver<Batch>) -> Result<(u64, u64)> {
+    let (mut new_chunks, mut new_bytes) = (0u64, 0u64);
+    for batch in rx {
+        let ids: Vec<ChunkId> = batch.chunks.iter().map(|(id, _)| *id).collect();
+        let missing: HashSet<ChunkId> = repo.missing_chunks(&ids)?.into_iter().collect();
+        let encoded: Vec<EncodedChunk> = batch
+            .chunks
+            .par_iter()
+            .filter(|(id, _)| missing.contains(id))
+            .map(|(id, data)| chunkcodec::encode(keys, *id, data))
+            .collect::<tardis_core::Result<_>>()?;
+        let mut writes: Vec<Write> = Vec::with_capacity(encoded.len() + batch.writes.len());
+        for c in encoded {
+            new_chunks += 1;
+            new_bytes += c.body.len() as u64;
+            writes.push(Write::Chunk(c));
+        }
+        writes.extend(batch.writes);
+        if !writes.is_empty() {
+            repo.append(set, writes)?;
+        }
+    }
+    Ok((new_chunks, new_bytes))
+}
+
+struct Walker<'a, 's> {
     keys: &'a Keys,
     set: SetId,
     base: Option<Tree<'a>>,
@@ -257,9 +268,11 @@ struct Walker<'a> {
     owners: Owners,
     chunker: Chunker,
     batch: Batch,
-    /// Hard-linked files already read in this run: (dev, ino) → their extents (once known).
-    links: HashMap<(u64, u64), Option<Vec<Extent>>>,
-    stats: BackupStats,
+    /// Hand-over to the sender; `None` once the walk is over.
+    tx: Option<mpsc::SyncSender<Batch>>,
+    /// Hard-linked files already read in this run: (dev, ino) → their extents.
+    links: HashMap<(u64, u64), Vec<Extent>>,
+    stats: &'s mut BackupStats,
 }
 
 /// Metadata equal apart from access time (which reading changes and nobody restores for).
@@ -267,7 +280,20 @@ fn same_meta(a: &FileMeta, b: &FileMeta) -> bool {
     FileMeta { atime: b.atime, ..a.clone() } == *b
 }
 
-impl Walker<'_> {
+impl Walker<'_, '_> {
+    /// Walks every selected path and hands the last batch over.
+    fn walk(&mut self, paths: &[PathBuf]) -> Result<()> {
+        let selection = Selection::new(paths);
+        let base_root = match &self.base {
+            Some(t) => t.root()?,
+            None => None,
+        };
+        self.selected(Path::new("/"), &DirId::TOP, view::ROOT_NAME, &selection, base_root.as_ref())?;
+        self.flush()?;
+        self.tx = None;
+        Ok(())
+    }
+
     fn warn(&mut self, msg: String) {
         tracing::warn!("{msg}");
         self.stats.warnings.push(msg);
@@ -473,42 +499,38 @@ impl Walker<'_> {
             return Ok(());
         }
         self.clear_stale_children(parent, name, &meta, base)?;
-        let key = self.keys.name_key(parent, name);
-        self.stats.changed += 1;
         let link_key = (meta.nlink > 1).then_some((meta.dev, meta.ino));
-        if let Some(lk) = link_key {
-            if self.links.get(&lk).is_some_and(|e| e.is_none()) {
-                // The first link's chunks are still in the batch: send them to learn its extents.
-                self.flush()?;
-            }
-            if let Some(Some(extents)) = self.links.get(&lk) {
-                let extents = extents.iter().map(|e| Slot::Known(*e)).collect();
-                self.batch.files.push(PendingFile { dir: *parent, name: key, meta, extents, link_key: None });
-                return self.maybe_flush();
-            }
+        let extents = match link_key.and_then(|k| self.links.get(&k)) {
+            // Another name of a file read earlier in this run: same data, no second read.
+            Some(extents) => extents.clone(),
+            None => match self.read_file(path, &mut meta) {
+                Ok(extents) => extents,
+                Err(e) => {
+                    // The entry keeps its base version, or is left out if it is new; chunks
+                    // already handed over are harmless (unreferenced).
+                    self.warn(format!("cannot read {}: {e}", path.display()));
+                    return Ok(());
+                }
+            },
+        };
+        if let Some(k) = link_key {
+            self.links.insert(k, extents.clone());
         }
-        let mut pending =
-            PendingFile { dir: *parent, name: key, meta: FileMeta::default(), extents: Vec::new(), link_key };
-        match self.read_file(path, &mut meta, &mut pending) {
-            Ok(()) => {}
-            Err(e) => {
-                // Chunks already gathered are harmless (unreferenced); the entry keeps its base
-                // version, or is left out if it is new.
-                self.warn(format!("cannot read {}: {e}", path.display()));
-                self.stats.changed -= 1;
-                return Ok(());
-            }
-        }
-        pending.meta = meta;
-        if let Some(lk) = link_key {
-            self.links.insert(lk, None);
-        }
-        self.batch.files.push(pending);
+        self.stats.changed += 1;
+        let key = self.keys.name_key(parent, name);
+        let sealed = view::seal_meta(self.keys, parent, &key, self.set, &meta)?;
+        self.batch.writes.push(Write::Version(FileVersion {
+            set: self.set,
+            dir: *parent,
+            name: key,
+            extents,
+            meta: sealed,
+        }));
         self.maybe_flush()
     }
 
-    /// Reads a file's data regions into the batch; flushes when the batch is full.
-    fn read_file(&mut self, path: &Path, meta: &mut FileMeta, pending: &mut PendingFile) -> Result<()> {
+    /// Reads a file's data regions, hashing each chunk and handing its data to the batch.
+    fn read_file(&mut self, path: &Path, meta: &mut FileMeta) -> Result<Vec<Extent>> {
         let mut file = File::open(path).map_err(Error::io_at("opening", path))?;
         let regions = if meta.sparse {
             fsmeta::data_regions(&file, meta.size).map_err(Error::io_at("finding data regions of", path))?
@@ -516,6 +538,7 @@ impl Walker<'_> {
             vec![(0, meta.size)]
         };
         self.stats.files_read += 1;
+        let mut extents = Vec::new();
         let mut end = 0u64;
         for (start, len) in regions {
             file.seek(SeekFrom::Start(start)).map_err(Error::io_at("seeking in", path))?;
@@ -527,12 +550,13 @@ impl Walker<'_> {
                 end = offset + n as u64;
                 self.stats.bytes_read += n as u64;
                 self.progress.read(n as u64);
-                pending.extents.push(Slot::Raw { offset, index: self.batch.raw.len() });
-                self.batch.raw.push(chunk.data);
-                self.batch.raw_bytes += n;
-                if self.batch.raw_bytes >= self.opts.batch_bytes {
-                    self.flush_with(Some(pending))?;
+                let id = self.keys.chunk_id(&chunk.data);
+                extents.push(Extent { offset, len: n as u32, id });
+                if self.batch.ids.insert(id) {
+                    self.batch.bytes += n;
+                    self.batch.chunks.push((id, chunk.data));
                 }
+                self.maybe_flush()?;
             }
         }
         let after = file.metadata().map_err(Error::io_at("reading metadata of", path))?;
@@ -545,69 +569,26 @@ impl Walker<'_> {
         {
             self.warn(format!("{} changed while being read; stored what was read", path.display()));
         }
-        Ok(())
+        Ok(extents)
     }
 
     fn maybe_flush(&mut self) -> Result<()> {
-        if self.batch.raw_bytes >= self.opts.batch_bytes
-            || self.batch.files.len() + self.batch.writes.len() >= MAX_BATCH_ENTRIES
+        if self.batch.bytes >= self.opts.batch_bytes
+            || self.batch.chunks.len() + self.batch.writes.len() >= MAX_BATCH_ENTRIES
         {
             self.flush()?;
         }
         Ok(())
     }
 
+    /// Hands the current batch to the sender, waiting while two batches are already queued.
     fn flush(&mut self) -> Result<()> {
-        self.flush_with(None)
-    }
-
-    /// Hashes and encodes the gathered chunks in parallel, sends the missing ones with every
-    /// complete version, and resolves `current` (a file still being read) to known extents.
-    fn flush_with(&mut self, current: Option<&mut PendingFile>) -> Result<()> {
         let batch = std::mem::take(&mut self.batch);
-        let keys = self.keys;
-        let ids: Vec<ChunkId> = batch.raw.par_iter().map(|d| keys.chunk_id(d)).collect();
-        let mut unique: Vec<usize> = Vec::new();
-        let mut seen = HashSet::new();
-        for (i, id) in ids.iter().enumerate() {
-            if seen.insert(*id) {
-                unique.push(i);
-            }
+        if batch.chunks.is_empty() && batch.writes.is_empty() {
+            return Ok(());
         }
-        let unique_ids: Vec<ChunkId> = unique.iter().map(|i| ids[*i]).collect();
-        let missing: HashSet<ChunkId> = self.repo.missing_chunks(&unique_ids)?.into_iter().collect();
-        let to_encode: Vec<usize> = unique.into_iter().filter(|i| missing.contains(&ids[*i])).collect();
-        let encoded: Vec<EncodedChunk> = to_encode
-            .par_iter()
-            .map(|i| chunkcodec::encode(keys, ids[*i], &batch.raw[*i]))
-            .collect::<tardis_core::Result<_>>()?;
-        let known = |slot: &Slot| match *slot {
-            Slot::Raw { offset, index } => Extent { offset, len: batch.raw[index].len() as u32, id: ids[index] },
-            Slot::Known(e) => e,
-        };
-        let mut writes: Vec<Write> = Vec::with_capacity(encoded.len() + batch.files.len() + batch.writes.len());
-        for c in encoded {
-            self.stats.new_chunks += 1;
-            self.stats.new_bytes += c.body.len() as u64;
-            writes.push(Write::Chunk(c));
-        }
-        for f in batch.files {
-            let extents: Vec<Extent> = f.extents.iter().map(known).collect();
-            if let Some(lk) = f.link_key {
-                self.links.insert(lk, Some(extents.clone()));
-            }
-            let sealed = view::seal_meta(keys, &f.dir, &f.name, self.set, &f.meta)?;
-            writes.push(Write::Version(FileVersion { set: self.set, dir: f.dir, name: f.name, extents, meta: sealed }));
-        }
-        writes.extend(batch.writes);
-        if let Some(cur) = current {
-            for s in cur.extents.iter_mut() {
-                *s = Slot::Known(known(s));
-            }
-        }
-        if !writes.is_empty() {
-            self.repo.append(self.set, writes)?;
-        }
-        Ok(())
+        let tx = self.tx.as_ref().ok_or_else(|| Error::Invalid("batch after the end of the walk".into()))?;
+        // A closed channel means the sender stopped on an error, which `backup` reports.
+        tx.send(batch).map_err(|_| Error::Invalid("the repository stopped accepting writes".into()))
     }
 }
