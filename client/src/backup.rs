@@ -542,8 +542,18 @@ impl Walker<'_, '_> {
         let mut end = 0u64;
         for (start, len) in regions {
             file.seek(SeekFrom::Start(start)).map_err(Error::io_at("seeking in", path))?;
-            let reader = (&file).take(len);
-            for chunk in self.chunker.stream(reader) {
+            let mut reader = (&file).take(len);
+            // FastCDC never cuts below its minimum size, so a region that small is one chunk:
+            // read it directly instead of setting up a 4 MiB streaming buffer per small file.
+            let small = len <= u64::from(self.chunker.params().min);
+            let chunks: Box<dyn Iterator<Item = io::Result<tardis_core::chunk::Chunk>>> = if small {
+                let mut data = Vec::with_capacity(len as usize);
+                let read = reader.read_to_end(&mut data).map(|_| tardis_core::chunk::Chunk { offset: 0, data });
+                Box::new(std::iter::once(read).filter(|c| !c.as_ref().is_ok_and(|c| c.data.is_empty())))
+            } else {
+                Box::new(self.chunker.stream(reader))
+            };
+            for chunk in chunks {
                 let chunk = chunk.map_err(Error::io_at("reading", path))?;
                 let n = chunk.data.len();
                 let offset = start + chunk.offset;
