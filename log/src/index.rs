@@ -36,7 +36,8 @@ const KEY_FORMAT: &[u8] = b"format";
 const KEY_HOST: &[u8] = b"host";
 const KEY_WRAPPED: &[u8] = b"wrapped-key";
 
-/// Version of the index layout; an index of another version is rebuilt from the log.
+/// Version of the index layout. An index of an older version is rebuilt from the log; one of a
+/// newer version is refused (and kept) so that the build that wrote it can still use it.
 pub const INDEX_VERSION: u32 = 1;
 
 const ENTRY_DELETED: u8 = 0;

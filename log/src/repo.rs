@@ -6,9 +6,9 @@
 //! (bytes cut off by recovery), `lock` (held by the one process that has the repository open).
 
 use crate::error::{Error, Result};
-use crate::frame::MAX_BODY;
-use crate::index::{Applied, Index};
-use crate::segments::{self, Damage, Log, LogOptions, Pos, Rec, Recovery};
+use crate::frame::{MAX_BODY, SEGMENT_HEADER_LEN};
+use crate::index::{Applied, Index, INDEX_VERSION};
+use crate::segments::{self, Batch, Damage, Log, LogOptions, NextSeq, Pos, Rec, Recovery};
 use crate::storage::{DirStorage, Storage};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -53,21 +53,54 @@ pub struct Repo {
     _lock: File,
 }
 
-/// Checks that a host name is usable as a directory name.
+/// Whether opening keeps the index on disk or starts a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IndexStart {
+    /// Use the index on disk, replaying what it lacks (a normal open).
+    Existing,
+    /// Delete it and rebuild it from the log alone (`rebuild_index`).
+    Fresh,
+}
+
+/// How [`Repo::scan_segments`] reads the log.
+#[derive(Debug, Clone, Copy)]
+struct ScanPlan {
+    /// Start at this batch end (the index's applied position), or at the beginning of the log.
+    from: Option<Pos>,
+    /// Read and check every body as well (verify); replay reads headers and metas only.
+    verify_bodies: bool,
+    /// Whether bytes after the last commit of the last segment count as damage. Opening has
+    /// already cut a torn tail there, so only a scan that runs later (verify) reports them.
+    last_tail_is_damage: bool,
+}
+
+/// What [`Repo::scan_segments`] found.
+#[derive(Debug, Default)]
+struct ScanReport {
+    segments: u64,
+    damage: Vec<Damage>,
+}
+
+/// Checks that a host name is usable as a directory name: 1 to 255 bytes, no `/` or NUL, not
+/// starting with `.` (which also rules out `.` and `..`). Anything else is accepted.
 pub fn check_host_name(host: &str) -> Result<()> {
-    let ok = !host.is_empty()
-        && host.len() <= 255
-        && host != "."
-        && host != ".."
-        && !host.contains(['/', '\0'])
-        && !host.starts_with('.');
-    if ok {
-        Ok(())
+    let problem = if host.is_empty() {
+        "it is empty"
+    } else if host.len() > 255 {
+        "it is longer than 255 bytes"
+    } else if host.contains('/') {
+        "it contains '/'"
+    } else if host.contains('\0') {
+        "it contains a NUL byte"
+    } else if host.starts_with('.') {
+        "it starts with '.'"
     } else {
-        Err(Error::Refused(format!(
-            "invalid host name {host:?}: use letters, digits, '-', '_' or '.', not starting with '.'"
-        )))
-    }
+        return Ok(());
+    };
+    Err(Error::Refused(format!(
+        "invalid host name {host:?}: {problem} (a host name is 1 to 255 bytes, contains no '/' or NUL, \
+         and does not start with '.')"
+    )))
 }
 
 fn now_nanos() -> i64 {
@@ -77,7 +110,8 @@ fn now_nanos() -> i64 {
 impl Repo {
     /// Opens the repository of `host` under `base`, creating its directory if needed (the host
     /// itself is created by [`Repository::create_host`]). Recovers the log tail and brings the
-    /// index up to date with the log.
+    /// index up to date with the log. An index written by a newer build is refused with
+    /// [`Error::Version`] and left as it is; an older one is rebuilt from the log.
     pub fn open(base: &Path, host: &str, opts: RepoOptions) -> Result<Repo> {
         check_host_name(host)?;
         let dir = base.join(host);
@@ -86,6 +120,28 @@ impl Repo {
             crate::storage::sync_dir(base).map_err(|e| Error::io("syncing", base, e))?;
         }
         let lock = lock_dir(&dir)?;
+        Repo::open_locked(dir, host, lock, opts, IndexStart::Existing)
+    }
+
+    /// Throws the index away and rebuilds it from the log alone, holding the repository lock
+    /// throughout. The damage the full replay finds (including sequence breaks) is in the result.
+    pub fn rebuild_index(base: &Path, host: &str, opts: RepoOptions) -> Result<ReplayStats> {
+        check_host_name(host)?;
+        let dir = base.join(host);
+        if !dir.join("segments").is_dir() && opts.storage.is_none() {
+            return Err(Error::NoHost(host.to_owned()));
+        }
+        // One lock, held from deleting the old index until the new one is complete: no other
+        // process may open the repository in between and see, or build, a partial index.
+        let lock = lock_dir(&dir)?;
+        let repo = Repo::open_locked(dir, host, lock, opts, IndexStart::Fresh)?;
+        repo.index.flush()?;
+        Ok(repo.replayed.clone())
+    }
+
+    /// Opens the repository in `dir`, whose lock the caller holds: recovers the log tail, checks
+    /// the index against this build and the log, and replays what the index lacks.
+    fn open_locked(dir: PathBuf, host: &str, lock: File, opts: RepoOptions, start: IndexStart) -> Result<Repo> {
         let storage: Arc<dyn Storage> = match opts.storage.clone() {
             Some(s) => s,
             None => Arc::new(
@@ -94,28 +150,42 @@ impl Repo {
             ),
         };
         let index_dir = dir.join("index");
-        let index = match Index::open(&index_dir) {
-            Ok(i) => i,
-            Err(Error::Version { what: "index", .. }) => {
-                tracing::warn!("index has another layout version; rebuilding it from the log");
-                destroy_index(&index_dir)?;
-                Index::open(&index_dir)?
-            }
+        if start == IndexStart::Fresh {
+            destroy_index(&index_dir)?;
+            test_hooks::index_deleted(&dir);
+        }
+        let existing = match Index::open(&index_dir) {
+            Ok(i) => Some(i),
+            // A newer build's index: refuse, and leave it alone for that build.
+            Err(e @ Error::Version { what: "index", found, .. }) if found > INDEX_VERSION => return Err(e),
+            // An older layout: rebuilt from the log, once the log is known to be readable.
+            Err(Error::Version { what: "index", .. }) => None,
             Err(e) => return Err(e),
         };
-        let mut index = index;
-        let mut hint = index.applied()?;
+        let hint = match &existing {
+            Some(i) => i.applied()?,
+            None => None,
+        };
         let (log, recovery) = Log::open(storage.clone(), opts.log, hint)?;
-        if let Some(h) = hint.filter(|h| *h > log.end() || !log.is_commit_end(*h)) {
-            // The index claims more than the log holds, or a position that is not the end of a
-            // batch (the log was restored from an older copy, lost data, or belongs to another
-            // history): it cannot be trusted, so it is rebuilt from the log.
-            tracing::warn!(index = %h, log = %log.end(), "index does not match the log; rebuilding it");
-            drop(index);
-            destroy_index(&index_dir)?;
-            index = Index::open(&index_dir)?;
-            hint = None;
-        }
+        let (index, from) = match existing {
+            Some(i) => match hint.filter(|h| *h > log.end() || !log.is_commit_end(*h)) {
+                None => (i, hint),
+                Some(h) => {
+                    // The index claims more than the log holds, or a position that is not the end
+                    // of a batch (the log was restored from an older copy, lost data, or belongs
+                    // to another history): it cannot be trusted, so it is rebuilt from the log.
+                    tracing::warn!(index = %h, log = %log.end(), "index does not match the log; rebuilding it");
+                    drop(i);
+                    destroy_index(&index_dir)?;
+                    (Index::open(&index_dir)?, None)
+                }
+            },
+            None => {
+                tracing::warn!("index has an older layout version; rebuilding it from the log");
+                destroy_index(&index_dir)?;
+                (Index::open(&index_dir)?, None)
+            }
+        };
         let mut repo = Repo {
             dir,
             host: host.to_owned(),
@@ -126,25 +196,8 @@ impl Repo {
             replayed: ReplayStats::default(),
             _lock: lock,
         };
-        let from = hint;
         repo.replayed = repo.replay(from)?;
         Ok(repo)
-    }
-
-    /// Throws the index away and rebuilds it from the log alone.
-    pub fn rebuild_index(base: &Path, host: &str, opts: RepoOptions) -> Result<ReplayStats> {
-        check_host_name(host)?;
-        let dir = base.join(host);
-        if !dir.join("segments").is_dir() && opts.storage.is_none() {
-            return Err(Error::NoHost(host.to_owned()));
-        }
-        {
-            let _lock = lock_dir(&dir)?;
-            destroy_index(&dir.join("index"))?;
-        }
-        let repo = Repo::open(base, host, opts)?;
-        repo.index.flush()?;
-        Ok(repo.replayed.clone())
     }
 
     /// Whether `base` holds a repository for `host` with at least one record.
@@ -189,46 +242,22 @@ impl Repo {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies every committed batch after `from` to the index.
+    /// Applies every committed batch after `from` (every batch, without `from`) to the index.
     fn replay(&self, from: Option<Pos>) -> Result<ReplayStats> {
-        let mut stats = ReplayStats::default();
-        let segs = self.storage.list().map_err(|e| Error::io("listing segments in", self.storage.describe(0), e))?;
-        let last = segs.last().copied();
-        for seg in segs.into_iter().filter(|s| from.is_none_or(|f| *s >= f.segment)) {
-            let start = match from {
-                Some(f) if f.segment == seg => f.offset,
-                _ => crate::frame::SEGMENT_HEADER_LEN as u64,
-            };
-            let len =
-                self.storage.len(seg).map_err(|e| Error::io("reading length of", self.storage.describe(seg), e))?;
-            let header = segments::read_segment_header(self.storage.as_ref(), seg, len)?;
-            // Starting mid-segment, the hint's batch was already checked by `Log::open`.
-            let prev_seq =
-                (start == crate::frame::SEGMENT_HEADER_LEN as u64).then(|| header.first_seq.saturating_sub(1));
-            let outcome =
-                segments::scan_segment(self.storage.as_ref(), seg, start, len, prev_seq, false, &mut |batch| {
-                    let mut applied = Vec::with_capacity(batch.records.len());
-                    for r in &batch.records {
-                        let event = Event::decode(r.header.kind, r.header.version, &r.meta)
-                            .map_err(|e| segments::corrupt(r.pos.segment, r.pos.offset, e))?;
-                        applied.push(Applied { pos: r.pos, event, body_len: r.header.body_len });
-                    }
-                    stats.batches += 1;
-                    stats.records += applied.len() as u64;
-                    self.index.apply(&applied, batch.end)
-                })?;
-            stats.segments += 1;
-            stats.damage.extend(outcome.damage);
-            if outcome.committed_end < len && Some(seg) != last {
-                stats.damage.push(Damage {
-                    segment: seg,
-                    offset: outcome.committed_end,
-                    resume: len,
-                    reason: "segment ends in a damaged or uncommitted record".into(),
-                });
+        let (mut batches, mut records) = (0u64, 0u64);
+        let plan = ScanPlan { from, verify_bodies: false, last_tail_is_damage: false };
+        let report = self.scan_segments(plan, &mut |batch| {
+            let mut applied = Vec::with_capacity(batch.records.len());
+            for r in &batch.records {
+                let event = Event::decode(r.header.kind, r.header.version, &r.meta)
+                    .map_err(|e| segments::corrupt(r.pos.segment, r.pos.offset, e))?;
+                applied.push(Applied { pos: r.pos, event, body_len: r.header.body_len });
             }
-        }
-        for d in &stats.damage {
+            batches += 1;
+            records += applied.len() as u64;
+            self.index.apply(&applied, batch.end)
+        })?;
+        for d in &report.damage {
             tracing::error!(
                 segment = d.segment,
                 offset = d.offset,
@@ -236,47 +265,72 @@ impl Repo {
                 d.reason
             );
         }
-        Ok(stats)
+        Ok(ReplayStats { segments: report.segments, batches, records, damage: report.damage })
     }
 
-    /// Reads every record of every segment, checking framing, both checksums and batch
-    /// commits, and returns the damage found (empty for a healthy log). The index is not used.
+    /// Reads every record of every segment, checking framing, both checksums, batch commits and
+    /// the sequence across segments, and returns the damage found (empty for a healthy log).
+    /// The index is not used.
     pub fn scan_log(&self) -> Result<Vec<Damage>> {
         let _writer = self.writer(); // a stable end: no batch is half-written while we scan
-        let segs = self.storage.list().map_err(|e| Error::io("listing segments in", self.storage.describe(0), e))?;
-        let mut damage = Vec::new();
-        for seg in segs {
-            let len =
-                self.storage.len(seg).map_err(|e| Error::io("reading length of", self.storage.describe(seg), e))?;
-            let header = match segments::read_segment_header(self.storage.as_ref(), seg, len) {
+        let plan = ScanPlan { from: None, verify_bodies: true, last_tail_is_damage: true };
+        Ok(self.scan_segments(plan, &mut |_| Ok(()))?.damage)
+    }
+
+    /// Reads the segments in order from `plan.from`, calling `on_batch` for every committed
+    /// batch. Every problem with the stored bytes becomes a [`Damage`] entry and the scan reads
+    /// on: a segment header that is damaged or of an unsupported version, damaged records, a
+    /// segment that ends in damage, and a break in the batch sequence between segments (a
+    /// missing segment). Only I/O failures and errors from `on_batch` abort the scan.
+    fn scan_segments(&self, plan: ScanPlan, on_batch: &mut dyn FnMut(Batch) -> Result<()>) -> Result<ScanReport> {
+        let storage = self.storage.as_ref();
+        let header_len = SEGMENT_HEADER_LEN as u64;
+        let segs = storage.list().map_err(|e| Error::io("listing segments in", storage.describe(0), e))?;
+        let last = segs.last().copied();
+        // What the next segment's first batch must be. From the beginning, the log's first batch
+        // is batch 1; starting at `from`, the hint's batch number is read from its commit.
+        let mut next = match plan.from {
+            None => Some(NextSeq::Exactly(1)),
+            Some(_) => None,
+        };
+        let mut report = ScanReport::default();
+        for seg in segs.into_iter().filter(|s| plan.from.is_none_or(|f| *s >= f.segment)) {
+            report.segments += 1;
+            let len = storage.len(seg).map_err(|e| Error::io("reading length of", storage.describe(seg), e))?;
+            let header = match segments::read_segment_header(storage, seg, len) {
                 Ok(h) => h,
-                Err(Error::Corrupt { segment, offset, reason }) => {
-                    damage.push(Damage { segment, offset, resume: len, reason });
+                Err(e) => {
+                    report.damage.push(segments::header_damage(seg, len, e)?);
+                    next = next.map(NextSeq::loosen);
                     continue;
                 }
-                Err(e) => return Err(e),
             };
-            let start = crate::frame::SEGMENT_HEADER_LEN as u64;
-            let outcome = segments::scan_segment(
-                self.storage.as_ref(),
-                seg,
-                start,
-                len,
-                header.first_seq.checked_sub(1),
-                true,
-                &mut |_| Ok(()),
-            )?;
-            damage.extend(outcome.damage);
-            if outcome.committed_end < len {
-                damage.push(Damage {
+            // `check_seq`: the batch number the scan checks the first commit against;
+            // `seq_before`: the number of the batch before `start`, where it is known.
+            let (start, check_seq, seq_before) = match plan.from {
+                // Starting mid-segment, the hint's batch was already checked by `Log::open`; its
+                // number only serves the continuity check of the next segment.
+                Some(f) if f.segment == seg => (f.offset, None, segments::commit_seq_ending_at(storage, f).ok()),
+                _ => {
+                    report.damage.extend(next.and_then(|n| n.check(seg, header.first_seq)));
+                    let before = header.first_seq.checked_sub(1);
+                    (header_len, before, before)
+                }
+            };
+            let outcome = segments::scan_segment(storage, seg, start, len, check_seq, plan.verify_bodies, on_batch)?;
+            report.damage.extend(outcome.damage);
+            let tail_damaged = outcome.committed_end < len;
+            if tail_damaged && (Some(seg) != last || plan.last_tail_is_damage) {
+                report.damage.push(Damage {
                     segment: seg,
                     offset: outcome.committed_end,
                     resume: len,
-                    reason: "damaged or uncommitted records at the end of the segment".into(),
+                    reason: "segment ends in a damaged or uncommitted record".into(),
                 });
             }
+            next = outcome.last_seq.or(seq_before).map(|s| NextSeq::after(s, tail_damaged));
         }
-        Ok(damage)
+        Ok(report)
     }
 
     /// Appends events as one durable batch and applies them to the index.
@@ -428,6 +482,39 @@ fn destroy_index(path: &Path) -> Result<()> {
     }
 }
 
+/// Points where unit tests look inside `open_locked` and `lock_dir`; no-ops outside tests.
+#[cfg(not(test))]
+mod test_hooks {
+    pub(super) fn index_deleted(_dir: &std::path::Path) {}
+    pub(super) fn locked() {}
+}
+
+#[cfg(test)]
+mod test_hooks {
+    use std::cell::{Cell, RefCell};
+    use std::path::Path;
+
+    type Hook = Box<dyn FnMut(&Path)>;
+
+    thread_local! {
+        /// Called by a fresh-index open right after the old index was deleted.
+        pub(super) static INDEX_DELETED: RefCell<Option<Hook>> = const { RefCell::new(None) };
+        /// Repository locks taken by this thread.
+        pub(super) static LOCKS_TAKEN: Cell<u32> = const { Cell::new(0) };
+    }
+
+    pub(super) fn index_deleted(dir: &Path) {
+        let hook = INDEX_DELETED.with(|h| h.borrow_mut().take());
+        if let Some(mut hook) = hook {
+            hook(dir);
+        }
+    }
+
+    pub(super) fn locked() {
+        LOCKS_TAKEN.with(|n| n.set(n.get() + 1));
+    }
+}
+
 /// Takes the repository lock (one process per host repository) and records our pid in it.
 fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join("lock");
@@ -439,7 +526,7 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .open(&path)
         .map_err(|e| Error::io("opening", &path, e))?;
     match f.try_lock() {
-        Ok(()) => {}
+        Ok(()) => test_hooks::locked(),
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut pid = String::new();
             let _ = f.read_to_string(&mut pid);
@@ -548,5 +635,64 @@ impl Repository for Repo {
         self.require_open(set)?;
         let e = Event::SetCompleted(SetCompleted { set, finished: now_nanos(), stats });
         Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    #[test]
+    fn rebuild_index_holds_one_lock_from_deleting_the_index_to_reopening() {
+        let base = tempfile::tempdir().unwrap();
+        let repo = Repo::open(base.path(), "h", RepoOptions::default()).unwrap();
+        repo.create_host(HostId([1; 16]), false, None).unwrap();
+        let set = repo.open_set("s", 1).unwrap();
+        repo.complete_set(set, SetStats::default()).unwrap();
+        let before = repo.index().dump().unwrap();
+        drop(repo);
+
+        // While the index is gone, another opener must find the repository locked.
+        let refused = Rc::new(Cell::new(false));
+        let seen = refused.clone();
+        let path = base.path().to_owned();
+        test_hooks::INDEX_DELETED.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |dir: &Path| {
+                assert!(!dir.join("index").exists(), "the hook runs after the index is deleted");
+                let other = Repo::open(&path, "h", RepoOptions::default());
+                seen.set(matches!(other, Err(Error::Locked { .. })));
+            }))
+        });
+        let taken = test_hooks::LOCKS_TAKEN.with(|n| n.get());
+        let stats = Repo::rebuild_index(base.path(), "h", RepoOptions::default()).unwrap();
+        assert!(refused.get(), "the repository was not locked between deleting and rebuilding the index");
+        // Taken once: the lock is never released and retaken between the two steps.
+        assert_eq!(test_hooks::LOCKS_TAKEN.with(|n| n.get()) - taken, 1);
+        assert_eq!(stats.batches, 3);
+        let repo = Repo::open(base.path(), "h", RepoOptions::default()).unwrap();
+        assert_eq!(repo.index().dump().unwrap(), before);
+    }
+
+    #[test]
+    fn host_name_errors_say_exactly_what_is_refused() {
+        for ok in ["web-1", "host name with spaces", "ünïcode", "a+b=c:d", "x.", &"n".repeat(255)] {
+            assert!(check_host_name(ok).is_ok(), "{ok:?} is a usable directory name");
+        }
+        let cases = [
+            ("", "it is empty"),
+            (&*"n".repeat(256), "longer than 255 bytes"),
+            ("a/b", "contains '/'"),
+            ("a\0b", "contains a NUL byte"),
+            (".hidden", "starts with '.'"),
+            (".", "starts with '.'"),
+            ("..", "starts with '.'"),
+        ];
+        for (name, why) in cases {
+            let msg = check_host_name(name).unwrap_err().to_string();
+            assert!(msg.contains(why), "{name:?}: {msg}");
+            assert!(msg.contains("1 to 255 bytes, contains no '/' or NUL, and does not start with '.'"), "{msg}");
+        }
     }
 }

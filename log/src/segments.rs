@@ -6,6 +6,10 @@
 //! - A bad record is only a torn tail if no complete, valid batch follows it. If one does, the
 //!   bytes are damage in the middle of the log: nothing is truncated, the damage is reported,
 //!   later batches stay readable, and new writes go to a fresh segment.
+//! - A scan across segments (index replay, verify) also checks that every segment's `first_seq`
+//!   follows the previous segment's last batch ([`NextSeq`]): a missing segment is damage too,
+//!   reported, and the scan reads on. A damaged header of a segment other than the
+//!   last is damage as well; only the last segment's header must be valid for the log to open.
 //! - After any failed write or fsync the log is poisoned and refuses writes until reopened,
 //!   because the state of the file after a failed write is unknown (fsyncgate).
 
@@ -308,16 +312,85 @@ impl Log {
 
     /// The sequence number of the batch whose commit record ends exactly at `pos`.
     fn commit_ending_at(&self, pos: Pos) -> Result<u64> {
-        let len = (RECORD_HEADER_LEN + frame::COMMIT_META_LEN) as u64;
-        let start =
-            pos.offset.checked_sub(len).ok_or_else(|| corrupt(pos.segment, pos.offset, "no commit before hint"))?;
-        let mut b = vec![0u8; len as usize];
-        self.read_exact(pos.segment, start, &mut b)?;
-        let p = frame::parse_record(&b).map_err(|e| corrupt(pos.segment, start, e))?;
-        if p.header.kind != BATCH_COMMIT {
-            return Err(corrupt(pos.segment, start, "hint does not follow a commit"));
+        commit_seq_ending_at(self.storage.as_ref(), pos)
+    }
+}
+
+/// The sequence number of the batch whose commit record ends exactly at `pos`; an error if the
+/// bytes before `pos` are not a valid commit record.
+pub fn commit_seq_ending_at(storage: &dyn Storage, pos: Pos) -> Result<u64> {
+    let len = (RECORD_HEADER_LEN + frame::COMMIT_META_LEN) as u64;
+    let start = pos.offset.checked_sub(len).ok_or_else(|| corrupt(pos.segment, pos.offset, "no commit before hint"))?;
+    let mut b = vec![0u8; len as usize];
+    read_exact(storage, pos.segment, start, &mut b)?;
+    let p = frame::parse_record(&b).map_err(|e| corrupt(pos.segment, start, e))?;
+    if p.header.kind != BATCH_COMMIT {
+        return Err(corrupt(pos.segment, start, "hint does not follow a commit"));
+    }
+    Ok(Commit::decode(p.meta).map_err(|e| corrupt(pos.segment, start, e))?.seq)
+}
+
+/// Turns a problem with the header of segment `seg` (of length `len`) into damage covering the
+/// whole segment, so that a full scan reports it and reads on. I/O errors stay errors: a failed
+/// read is never taken for an empty or damaged segment (RELIABILITY invariant 7).
+pub fn header_damage(seg: u64, len: u64, err: Error) -> Result<Damage> {
+    let reason = match err {
+        Error::Corrupt { reason, .. } => reason,
+        Error::Version { what, found, supported } => {
+            format!("unsupported {what} version {found} (this build reads up to {supported})")
         }
-        Ok(Commit::decode(p.meta).map_err(|e| corrupt(pos.segment, start, e))?.seq)
+        other => return Err(other),
+    };
+    Ok(Damage { segment: seg, offset: 0, resume: len, reason: format!("segment header: {reason}") })
+}
+
+/// What the next segment's `first_seq` must be, as a scan that reads segments in order learns it.
+///
+/// Sequence numbers, not segment numbers, carry continuity: a later version's compaction will
+/// retire segments and leave gaps in their numbering, but never in the batches' sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextSeq {
+    /// The previous segment was read to its end: the next one starts with exactly this batch.
+    Exactly(u64),
+    /// The previous segment lost batches of unknown numbers (damage at its end, or an unreadable
+    /// header): the next one starts with this batch or a later one.
+    AtLeast(u64),
+}
+
+impl NextSeq {
+    /// The expectation after a segment whose last committed batch is `last_seq`.
+    pub fn after(last_seq: u64, tail_damaged: bool) -> NextSeq {
+        let next = last_seq.saturating_add(1);
+        if tail_damaged {
+            NextSeq::AtLeast(next)
+        } else {
+            NextSeq::Exactly(next)
+        }
+    }
+
+    /// The expectation after a segment that could not be read at all.
+    pub fn loosen(self) -> NextSeq {
+        match self {
+            NextSeq::Exactly(n) | NextSeq::AtLeast(n) => NextSeq::AtLeast(n),
+        }
+    }
+
+    /// The damage to report if segment `seg`, whose header says `first_seq`, breaks the sequence.
+    /// It sits just before the segment's first record: no byte of this segment is damaged, the
+    /// missing batches are before it.
+    pub fn check(self, seg: u64, first_seq: u64) -> Option<Damage> {
+        let (ok, expected) = match self {
+            NextSeq::Exactly(n) => (first_seq == n, format!("batch {n}")),
+            NextSeq::AtLeast(n) => (first_seq >= n, format!("batch {n} or later")),
+        };
+        (!ok).then(|| Damage {
+            segment: seg,
+            offset: SEGMENT_HEADER_LEN as u64,
+            resume: SEGMENT_HEADER_LEN as u64,
+            reason: format!(
+                "sequence break: expected {expected}, segment starts at {first_seq}; a segment may be missing"
+            ),
+        })
     }
 }
 

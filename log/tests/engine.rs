@@ -300,6 +300,7 @@ fn crash_at_every_storage_operation() {
         let (opts, _) = fault_opts(dir.path(), None);
         let repo = Repo::open(dir.path(), HOST, opts)
             .unwrap_or_else(|e| panic!("reopen after crash at op {n} ({mode:?}): {e}"));
+        assert_eq!(repo.replayed().damage, [], "op {n} ({mode:?})");
         let completed: Vec<SetId> =
             repo.sets().unwrap().iter().filter(|s| s.state == SetState::Completed).map(|s| s.id).collect();
         let acked_ids: Vec<SetId> = acked.iter().map(|(s, _)| *s).collect();
@@ -322,7 +323,9 @@ fn crash_at_every_storage_operation() {
         let dump = repo.index().dump().unwrap();
         drop(repo);
         let (opts, _) = fault_opts(dir.path(), None);
-        Repo::rebuild_index(dir.path(), HOST, opts).unwrap();
+        let stats = Repo::rebuild_index(dir.path(), HOST, opts).unwrap();
+        // A crash leaves no damage and no sequence break: only a torn tail, which opening cut.
+        assert_eq!(stats.damage, [], "op {n}: a full replay after the crash found damage");
         let (opts, _) = fault_opts(dir.path(), None);
         let repo = Repo::open(dir.path(), HOST, opts).unwrap();
         assert_eq!(repo.index().dump().unwrap(), dump, "op {n}: rebuilt index differs");
@@ -598,5 +601,228 @@ proptest! {
         Repo::rebuild_index(dir.path(), HOST, small_segments()).unwrap();
         let repo = Repo::open(dir.path(), HOST, small_segments()).unwrap();
         prop_assert_eq!(repo.index().dump().unwrap(), dump);
+    }
+}
+
+/// Options with segments so small that nearly every batch starts a new one.
+fn tiny_segments() -> RepoOptions {
+    RepoOptions { log: LogOptions { segment_size: 512 }, storage: None }
+}
+
+/// One set of [`independent_sets`]: its ID, its files, and the segments its batches went to.
+struct Written {
+    set: SetId,
+    files: Files,
+    segments: std::ops::RangeInclusive<u64>,
+}
+
+/// Writes `n` sets that each rewrite every file they hold, so that each set depends only on
+/// its own batches; `tag` makes their names unique.
+fn independent_sets(repo: &Repo, keys: &Keys, tag: &str, n: usize) -> Vec<Written> {
+    (0..n)
+        .map(|i| {
+            let first = repo.log_end().segment;
+            let set = repo.open_set(&format!("{tag}-{i}"), 1).unwrap();
+            let files = files(&[("a", &format!("a{i}")), ("b", &format!("b{i}"))]);
+            write_files(repo, keys, set, &files, &[]);
+            repo.complete_set(set, SetStats::default()).unwrap();
+            // The first batch goes to `first` or to a new segment after it.
+            Written { set, files, segments: first..=repo.log_end().segment }
+        })
+        .collect()
+}
+
+fn segment_path(root: &Path, seg: u64) -> std::path::PathBuf {
+    root.join(HOST).join("segments").join(format!("{seg:016x}.seg"))
+}
+
+/// The `first_seq` field of a segment's header.
+fn first_seq(root: &Path, seg: u64) -> u64 {
+    let b = std::fs::read(segment_path(root, seg)).unwrap();
+    u64::from_le_bytes(b[24..32].try_into().unwrap())
+}
+
+#[test]
+fn a_missing_middle_segment_is_a_sequence_break_and_the_other_sets_still_read() {
+    let keys = Keys::unencrypted(HostId([6; 16]));
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
+    repo.create_host(keys.host(), false, None).unwrap();
+    let sets = independent_sets(&repo, &keys, "set", 7);
+    let last = repo.log_end().segment;
+    assert!(repo.scan_log().unwrap().is_empty());
+    drop(repo);
+    let pristine = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), pristine.path());
+
+    // Lose the segment that holds the commit point of the middle set.
+    let victim = &sets[3];
+    let gone = *victim.segments.end();
+    assert!(gone > 1 && gone < last, "segment {gone} of 1..={last} is not in the middle");
+    let expected = first_seq(dir.path(), gone);
+    let found = first_seq(dir.path(), gone + 1);
+    std::fs::remove_file(segment_path(dir.path(), gone)).unwrap();
+    let reason =
+        format!("sequence break: expected batch {expected}, segment starts at {found}; a segment may be missing");
+    let brk = tardis_log::segments::Damage { segment: gone + 1, offset: 32, resume: 32, reason };
+
+    // Opening reads only from the index's position on; a full scan finds the break.
+    let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
+    assert_eq!(repo.scan_log().unwrap(), std::slice::from_ref(&brk));
+    drop(repo);
+    // So does a rebuild, which replays past it rather than stopping.
+    let stats = Repo::rebuild_index(dir.path(), HOST, tiny_segments()).unwrap();
+    assert_eq!(stats.damage, std::slice::from_ref(&brk));
+    let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
+    assert_eq!(repo.scan_log().unwrap(), [brk]);
+    let unaffected: Vec<&Written> = sets.iter().filter(|w| !w.segments.contains(&gone)).collect();
+    assert!(unaffected.iter().any(|w| w.set < victim.set) && unaffected.iter().any(|w| w.set > victim.set));
+    for w in &unaffected {
+        assert_eq!(read_set(&repo, &keys, w.set), w.files, "set {}", w.set);
+    }
+    // The set whose commit point was lost is not shown as completed.
+    let info = repo.sets().unwrap();
+    assert_ne!(info.iter().find(|s| s.id == victim.set).map(|s| s.state), Some(SetState::Completed));
+    // The repository still takes new sets.
+    let s = repo.open_set("after-break", 1).unwrap();
+    repo.complete_set(s, SetStats::default()).unwrap();
+    drop(repo);
+
+    // Losing the first segment breaks the sequence too: the log's first batch is batch 1.
+    std::fs::remove_file(segment_path(pristine.path(), 1)).unwrap();
+    let stats = Repo::rebuild_index(pristine.path(), HOST, tiny_segments()).unwrap();
+    assert_eq!(stats.damage.len(), 1, "{:?}", stats.damage);
+    assert_eq!(stats.damage[0].segment, 2);
+    assert!(stats.damage[0].reason.starts_with("sequence break: expected batch 1, segment starts at "));
+}
+
+#[test]
+fn a_missing_segment_after_the_index_position_is_reported_when_opening() {
+    let keys = Keys::unencrypted(HostId([6; 16]));
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
+    repo.create_host(keys.host(), false, None).unwrap();
+    let early = independent_sets(&repo, &keys, "early", 2);
+    let hint = repo.log_end();
+    drop(repo);
+    let old_index = tempfile::tempdir().unwrap();
+    copy_dir(&dir.path().join(HOST).join("index"), old_index.path());
+    let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
+    let late = independent_sets(&repo, &keys, "late", 4);
+    drop(repo);
+
+    // The index falls back to an older copy, and a segment after its position is lost.
+    let gone = *late[1].segments.end();
+    assert!(gone > hint.segment + 1);
+    std::fs::remove_file(segment_path(dir.path(), gone)).unwrap();
+    copy_dir(old_index.path(), &dir.path().join(HOST).join("index"));
+    let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
+    let damage = &repo.replayed().damage;
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert_eq!(damage[0].segment, gone + 1);
+    assert!(damage[0].reason.starts_with("sequence break: expected batch "), "{damage:?}");
+    for w in early.iter().chain(late.iter().filter(|w| !w.segments.contains(&gone))) {
+        assert_eq!(read_set(&repo, &keys, w.set), w.files, "set {}", w.set);
+    }
+}
+
+#[test]
+fn damaged_or_newer_segment_headers_mid_log_are_listed_as_damage() {
+    let keys = Keys::unencrypted(HostId([6; 16]));
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
+    repo.create_host(keys.host(), false, None).unwrap();
+    let sets = independent_sets(&repo, &keys, "set", 7);
+    let last = repo.log_end().segment;
+    drop(repo);
+    let (newer, bad_magic) = (*sets[2].segments.end(), *sets[4].segments.end());
+    assert!(newer + 1 < bad_magic && bad_magic < last);
+    let patch = |seg: u64, at: usize, byte: u8| {
+        let path = segment_path(dir.path(), seg);
+        let mut b = std::fs::read(&path).unwrap();
+        b[at] = byte;
+        std::fs::write(&path, &b).unwrap();
+        b.len() as u64
+    };
+    let newer_len = patch(newer, 8, 2); // header version 2
+    let bad_len = patch(bad_magic, 0, b'X');
+    let expected = [
+        tardis_log::segments::Damage {
+            segment: newer,
+            offset: 0,
+            resume: newer_len,
+            reason: "segment header: unsupported segment version 2 (this build reads up to 1)".into(),
+        },
+        tardis_log::segments::Damage {
+            segment: bad_magic,
+            offset: 0,
+            resume: bad_len,
+            reason: "segment header: bad magic".into(),
+        },
+    ];
+
+    // Every other segment is still scanned, and the segments after the unreadable ones are not
+    // reported as sequence breaks (the batches they lost have unknown numbers).
+    let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
+    assert_eq!(repo.scan_log().unwrap(), expected);
+    drop(repo);
+    let stats = Repo::rebuild_index(dir.path(), HOST, tiny_segments()).unwrap();
+    assert_eq!(stats.damage, expected);
+    let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
+    for w in sets.iter().filter(|w| !w.segments.contains(&newer) && !w.segments.contains(&bad_magic)) {
+        assert_eq!(read_set(&repo, &keys, w.set), w.files, "set {}", w.set);
+    }
+    drop(repo);
+
+    // The last segment stays strict: a newer version there means a newer repository.
+    patch(last, 8, 2);
+    for result in [Repo::open(dir.path(), HOST, tiny_segments()).map(|_| ()), {
+        Repo::rebuild_index(dir.path(), HOST, tiny_segments()).map(|_| ())
+    }] {
+        let err = result.unwrap_err();
+        assert!(matches!(err, Error::Version { what: "segment", found: 2, supported: 1 }), "{err}");
+        assert!(err.to_string().contains("upgrade tardis"), "{err}");
+    }
+}
+
+/// Writes `version` into the index's `meta`/`format` key, as another build would have.
+fn set_index_format(root: &Path, version: u32) {
+    let path = root.join(HOST).join("index");
+    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, ["meta", "chunks", "sets", "entries", "config"])
+        .unwrap();
+    db.put_cf(db.cf_handle("meta").unwrap(), b"format", version.to_le_bytes()).unwrap();
+    db.flush_cf(db.cf_handle("meta").unwrap()).unwrap();
+}
+
+fn index_format(root: &Path) -> Vec<u8> {
+    let path = root.join(HOST).join("index");
+    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, ["meta", "chunks", "sets", "entries", "config"])
+        .unwrap();
+    db.get_cf(db.cf_handle("meta").unwrap(), b"format").unwrap().unwrap()
+}
+
+#[test]
+fn a_newer_index_is_refused_and_kept_an_older_one_is_rebuilt() {
+    let keys = Keys::unencrypted(HostId([6; 16]));
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::open(dir.path(), HOST, RepoOptions::default()).unwrap();
+    repo.create_host(keys.host(), false, None).unwrap();
+    let sets = workload(&repo, &keys, 2).unwrap();
+    let dump = repo.index().dump().unwrap();
+    drop(repo);
+
+    let newer = tardis_log::index::INDEX_VERSION + 1;
+    set_index_format(dir.path(), newer);
+    let err = Repo::open(dir.path(), HOST, RepoOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Version { what: "index", found, supported: 1 } if found == newer), "{err}");
+    assert!(err.to_string().contains("upgrade tardis"), "{err}");
+    assert_eq!(index_format(dir.path()), newer.to_le_bytes(), "a newer build's index must be left alone");
+
+    set_index_format(dir.path(), 0);
+    let repo = Repo::open(dir.path(), HOST, RepoOptions::default()).unwrap();
+    assert!(repo.replayed().batches > 0, "rebuilt by replaying the whole log");
+    assert_eq!(repo.index().dump().unwrap(), dump);
+    for (s, f) in &sets {
+        assert_eq!(&read_set(&repo, &keys, *s), f);
     }
 }
