@@ -1,0 +1,521 @@
+//! `tardisfs` end to end: real FUSE mounts of real backups, as root.
+//!
+//! Every test needs `/dev/fuse` and root. Without them a test skips with a message, unless
+//! `TARDIS_REQUIRE_FUSE=1` (set by `.ci/run`), in which case it fails: CI must never pass by
+//! skipping the mount tests.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tardis_tests::{assert_same, bin, manifest, noise, run, run_s, Entry};
+
+/// How long a mount may take to appear or a process to exit before the test fails.
+const LIMIT: Duration = Duration::from_secs(30);
+const EROFS: i32 = 30;
+
+/// Whether the mount tests can run here; panics if they cannot but must.
+fn fuse_usable() -> bool {
+    let problem = if !Path::new("/dev/fuse").exists() {
+        Some("/dev/fuse is missing")
+    } else if !nix::unistd::geteuid().is_root() {
+        Some("the mount tests need root")
+    } else {
+        None
+    };
+    let Some(problem) = problem else { return true };
+    assert!(
+        std::env::var("TARDIS_REQUIRE_FUSE").as_deref() != Ok("1"),
+        "{problem}, and TARDIS_REQUIRE_FUSE=1 requires the FUSE tests to run"
+    );
+    eprintln!("SKIPPED: {problem}; the FUSE mount tests did not run");
+    false
+}
+
+/// Whether `path` is a mount point now, according to `/proc/self/mountinfo`.
+fn is_mounted(path: &Path) -> bool {
+    let info = fs::read("/proc/self/mountinfo").expect("read mountinfo");
+    let want = path.as_os_str().as_bytes();
+    info.split(|b| *b == b'\n').any(|line| {
+        // Field 5 is the mount point, with space, tab, newline and backslash as octal escapes.
+        line.split(|b| *b == b' ').nth(4).is_some_and(|m| unescape(m) == want)
+    })
+}
+
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        if field[i] == b'\\' && i + 3 < field.len() && field[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let oct = std::str::from_utf8(&field[i + 1..i + 4]).expect("digits");
+            out.push(u8::from_str_radix(oct, 8).expect("octal escape"));
+            i += 4;
+        } else {
+            out.push(field[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Polls `cond` until it holds, failing the test after [`LIMIT`].
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < LIMIT, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_exit(child: &mut Child) -> ExitStatus {
+    let mut status = None;
+    wait_until("tardisfs exits", || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    status.expect("exited")
+}
+
+/// A mount made by the test; the guard unmounts it (lazily, so it cannot hang) and ends the
+/// `tardisfs` process even when the test fails halfway.
+struct Mounted {
+    mnt: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mounted {
+    /// Runs `tardisfs -o OPTIONS -f MNT` and waits until the mount appears.
+    fn foreground(options: &str, mnt: &Path, log: &Path) -> Mounted {
+        let child = Command::new(bin("tardisfs"))
+            .args(["-o", options, "-f"])
+            .arg(mnt)
+            .env_remove("TARDIS_DB")
+            .env_remove("TARDIS_HOST")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(log).expect("log file"))
+            .spawn()
+            .expect("start tardisfs");
+        let mut m = Mounted { mnt: mnt.to_path_buf(), child: Some(child), log: log.to_path_buf() };
+        let start = Instant::now();
+        while !is_mounted(mnt) {
+            if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
+                panic!("tardisfs exited with {status} before mounting: {}", m.log());
+            }
+            assert!(start.elapsed() < LIMIT, "the mount did not appear: {}", m.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        m
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("a foreground tardisfs")
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let ok = Command::new("fusermount3").args(["-u", "-z"]).arg(&self.mnt).status().is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn set_mtime(path: &Path, sec: i64, nsec: i64) {
+    let ts = nix::sys::time::TimeSpec::new(sec, nsec);
+    nix::sys::stat::utimensat(None, path, &ts, &ts, nix::sys::stat::UtimensatFlags::NoFollowSymlink).unwrap();
+}
+
+/// Content of the files that the concurrent readers check.
+fn par_content(i: u64) -> Vec<u8> {
+    noise(1_500_000 + i as usize * 123_457, 100 + i)
+}
+
+/// A tree with every kind of entry: files (empty, small, a 5 MB one spanning chunks, a sparse
+/// one), directories, symlinks (one dangling), a hard link, a FIFO, a device node, odd names,
+/// modes, owners, xattrs and an ACL.
+fn build_tree(root: &Path) {
+    fs::create_dir_all(root.join("dir/deeper")).unwrap();
+    fs::write(root.join("plain.txt"), "hello tardis\n").unwrap();
+    fs::write(root.join("dir/deeper/nested.txt"), "nested ".repeat(1000)).unwrap();
+    fs::write(root.join("empty"), "").unwrap();
+    fs::write(root.join("dir/big.bin"), noise(5_000_000, 5)).unwrap();
+    let mut f = File::create(root.join("sparse.img")).unwrap();
+    f.write_all(&vec![7u8; 1 << 20]).unwrap();
+    f.set_len(21 << 20).unwrap();
+    drop(f);
+    let f = fs::OpenOptions::new().append(true).open(root.join("sparse.img")).unwrap();
+    (&f).write_all(b"tail data").unwrap();
+    symlink("plain.txt", root.join("link")).unwrap();
+    symlink("/nonexistent/target", root.join("dangling")).unwrap();
+    fs::hard_link(root.join("plain.txt"), root.join("dir/hardlink")).unwrap();
+    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
+    nix::sys::stat::mknod(
+        &root.join("null-dev"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    fs::write(root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")), "not utf-8 name").unwrap();
+    fs::write(root.join("secret"), "mode 600").unwrap();
+    fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    nix::unistd::chown(&root.join("secret"), Some(1234.into()), Some(5678.into())).unwrap();
+    fs::write(root.join("setuid"), "suid").unwrap();
+    fs::set_permissions(root.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
+    xattr::set(root.join("plain.txt"), "user.comment", b"a comment").unwrap();
+    xattr::set(root.join("dir"), "user.dirattr", b"\x00\x01binary").unwrap();
+    let acl = Command::new("setfacl")
+        .args(["-m", "u:1234:r"])
+        .arg(root.join("dir/big.bin"))
+        .status()
+        .expect("setfacl (package acl)");
+    assert!(acl.success());
+    fs::create_dir(root.join("par")).unwrap();
+    for i in 0..8 {
+        fs::write(root.join(format!("par/f{i}")), par_content(i)).unwrap();
+    }
+    set_mtime(&root.join("plain.txt"), 1_600_000_000, 123_456_789);
+    set_mtime(&root.join("link"), 1_500_000_000, 987_654_321);
+}
+
+/// Edits, deletions, a rename, new entries, changed xattrs and modes, a symlink that became a
+/// directory.
+fn change_tree(root: &Path) {
+    fs::write(root.join("plain.txt"), "hello again, tardis\n").unwrap();
+    fs::remove_file(root.join("empty")).unwrap();
+    fs::rename(root.join("dir/deeper"), root.join("moved")).unwrap();
+    fs::write(root.join("new.txt"), "brand new").unwrap();
+    fs::create_dir(root.join("newdir")).unwrap();
+    fs::write(root.join("newdir/inside"), "x".repeat(5000)).unwrap();
+    xattr::set(root.join("plain.txt"), "user.comment", b"changed comment").unwrap();
+    xattr::remove(root.join("dir"), "user.dirattr").unwrap();
+    fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::remove_file(root.join("link")).unwrap();
+    fs::create_dir(root.join("link")).unwrap();
+}
+
+fn backup(db: &Path, src: &Path, name: &str) {
+    let out = run(
+        "tardis",
+        &[
+            "--local".as_ref(),
+            "--db".as_ref(),
+            db.as_os_str(),
+            "--host".as_ref(),
+            "h".as_ref(),
+            "--password".as_ref(),
+            "pw".as_ref(),
+            "--name".as_ref(),
+            name.as_ref(),
+            src.as_os_str(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "backup {name}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The manifest of `dir` in the mount, without the `user.tardis.*` attributes the mount adds.
+fn mounted_manifest(dir: &Path) -> BTreeMap<Vec<u8>, Entry> {
+    let mut m = manifest(dir);
+    for e in m.values_mut() {
+        e.xattrs.retain(|k, _| !k.starts_with(b"user.tardis."));
+    }
+    m
+}
+
+/// `base` joined with the absolute path `abs` (as it appears inside a set).
+fn inside(base: &Path, abs: &Path) -> PathBuf {
+    base.join(abs.strip_prefix("/").expect("absolute path"))
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    n.sort();
+    n
+}
+
+fn xattr_str(path: &Path, name: &str) -> String {
+    let v = xattr::get(path, name).unwrap_or_else(|e| panic!("getxattr {name} of {}: {e}", path.display()));
+    String::from_utf8(v.unwrap_or_else(|| panic!("{} has no {name}", path.display()))).unwrap()
+}
+
+fn erofs(what: &str, r: std::io::Result<impl Sized>) {
+    match r {
+        Ok(_) => panic!("{what} succeeded on the read-only mount"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(EROFS), "{what}: {e}"),
+    }
+}
+
+#[test]
+fn two_sets_read_back_through_the_mount_as_they_were() {
+    if !fuse_usable() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let db = work.path().join("db");
+    let mnt = work.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    build_tree(&src);
+    let m1 = manifest(&src);
+    backup(&db, &src, "first");
+    change_tree(&src);
+    let m2 = manifest(&src);
+    backup(&db, &src, "second");
+
+    let opts = format!("database={},host=h,password=pw", db.display());
+    let mut mount = Mounted::foreground(&opts, &mnt, &work.path().join("tardisfs.log"));
+
+    // The root: a directory per set, `Current`, and the hidden history view.
+    assert_eq!(names(&mnt), [".versions", "Current", "first", "second"]);
+    assert_eq!(fs::read_link(mnt.join("Current")).unwrap(), Path::new("second"));
+    assert_eq!(names(&mnt.join("Current")), names(&mnt.join("second")));
+
+    // Each set is the tree as it was at its backup: content, kind, mode, owners, size, mtime,
+    // device numbers, symlink targets, xattrs (ACLs included), hard-link groups, sparseness.
+    for (set, expected) in [("first", &m1), ("second", &m2)] {
+        assert_same(expected, &mounted_manifest(&inside(&mnt.join(set), &src)), set);
+    }
+    let first = inside(&mnt.join("first"), &src);
+    let second = inside(&mnt.join("second"), &src);
+
+    // Extended attributes, the stored ones and the mount's own.
+    assert_eq!(xattr_str(&first.join("plain.txt"), "user.comment"), "a comment");
+    assert_eq!(xattr_str(&second.join("plain.txt"), "user.comment"), "changed comment");
+    assert_eq!(xattr_str(&second.join("plain.txt"), "user.tardis.since"), "second");
+    assert_eq!(xattr_str(&second.join("dir/big.bin"), "user.tardis.since"), "first");
+    assert_eq!(xattr_str(&mnt.join("second"), "user.tardis.priority"), "0");
+    let time = xattr_str(&mnt.join("first"), "user.tardis.time");
+    assert!(time.len() >= 20 && time.as_bytes()[..4].iter().all(u8::is_ascii_digit), "{time}");
+    let getfattr = Command::new("getfattr").args(["-d", "-m", "-"]).arg(second.join("plain.txt")).output().unwrap();
+    let shown = String::from_utf8_lossy(&getfattr.stdout);
+    assert!(shown.contains("user.comment=\"changed comment\""), "{shown}");
+    assert!(shown.contains("user.tardis.since=\"second\""), "{shown}");
+    let getfattr = Command::new("getfattr").args(["-d", "-m", "-"]).arg(first.join("dir/big.bin")).output().unwrap();
+    assert!(String::from_utf8_lossy(&getfattr.stdout).contains("system.posix_acl_access"));
+
+    // Nothing can be changed.
+    erofs("creating a file", File::create(second.join("new-file")));
+    erofs("creating a file at the root", File::create(mnt.join("new-set")));
+    erofs("opening for writing", fs::OpenOptions::new().write(true).open(second.join("plain.txt")));
+    erofs("mkdir", fs::create_dir(second.join("newdir2")));
+    erofs("unlink", fs::remove_file(second.join("plain.txt")));
+    erofs("rmdir", fs::remove_dir(second.join("newdir")));
+    erofs("rename", fs::rename(second.join("plain.txt"), second.join("p2")));
+    erofs("chmod", fs::set_permissions(second.join("plain.txt"), fs::Permissions::from_mode(0o777)));
+    erofs("symlink", symlink("x", second.join("l2")));
+    erofs("setxattr", xattr::set(second.join("plain.txt"), "user.comment", b"no"));
+    erofs("removexattr", xattr::remove(second.join("plain.txt"), "user.comment"));
+
+    // The history view: each distinct version of a path, named by the set that first has it.
+    let versions = inside(&mnt.join(".versions"), &src);
+    assert_eq!(names(&versions.join("plain.txt")), ["first", "second"]);
+    assert_eq!(fs::read(versions.join("plain.txt/first")).unwrap(), b"hello tardis\n");
+    assert_eq!(fs::read(versions.join("plain.txt/second")).unwrap(), b"hello again, tardis\n");
+    assert_eq!(names(&versions.join("dir/big.bin")), ["first"], "unchanged: one version");
+    assert_eq!(fs::read(versions.join("dir/big.bin/first")).unwrap(), noise(5_000_000, 5));
+    assert_eq!(names(&versions.join("empty")), ["first"], "deleted in the second set");
+    assert_eq!(names(&versions.join("new.txt")), ["second"]);
+    assert!(versions.join("link/first").is_symlink() && versions.join("link/second").is_dir());
+    assert!(!versions.join("never-existed").exists());
+
+    // A random read in the middle of a multi-chunk file.
+    let big = File::open(first.join("dir/big.bin")).unwrap();
+    let mut buf = vec![0u8; 100_000];
+    big.read_exact_at(&mut buf, 3_000_001).unwrap();
+    assert_eq!(buf, noise(5_000_000, 5)[3_000_001..3_100_001]);
+    drop(big);
+
+    // Eight threads reading different files, in unaligned pieces and whole, get their bytes.
+    std::thread::scope(|s| {
+        for i in 0..8u64 {
+            let path = first.join(format!("par/f{i}"));
+            s.spawn(move || {
+                let want = par_content(i);
+                let f = File::open(&path).unwrap();
+                let mut off = 0usize;
+                while off < want.len() {
+                    let n = (77_777 + i as usize * 1000).min(want.len() - off);
+                    let mut piece = vec![0u8; n];
+                    f.read_exact_at(&mut piece, off as u64).unwrap();
+                    assert!(piece == want[off..off + n], "{} at {off}", path.display());
+                    off += n;
+                }
+                assert!(fs::read(&path).unwrap() == want, "{}", path.display());
+            });
+        }
+    });
+
+    // Unmounting while a reader holds a file open neither hangs nor loses the mount's state:
+    // a plain unmount is refused, a lazy one detaches, and tardisfs exits when the file closes.
+    let mut reader = File::open(second.join("dir/big.bin")).unwrap();
+    let mut head = vec![0u8; 4096];
+    reader.read_exact(&mut head).unwrap();
+    let busy = Command::new("umount").arg(&mnt).stderr(Stdio::null()).status().unwrap();
+    assert!(!busy.success(), "unmount with an open file should be refused");
+    assert!(is_mounted(&mnt));
+    let lazy = Command::new("umount").arg("-l").arg(&mnt).status().unwrap();
+    assert!(lazy.success());
+    assert!(!is_mounted(&mnt));
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest); // served or refused, but it returns
+    drop(reader);
+    let status = wait_exit(mount.child());
+    assert!(status.success(), "tardisfs exited with {status}: {}", mount.log());
+}
+
+#[test]
+fn background_mount_signals_and_bad_input() {
+    if !fuse_usable() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let db = work.path().join("db");
+    let mnt = work.path().join("mnt");
+    fs::create_dir_all(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    fs::write(src.join("f"), "data").unwrap();
+    backup(&db, &src, "only");
+    let tardisfs = |opts: &str, extra: &[&str]| {
+        let mut args = vec!["-o", opts];
+        args.extend(extra);
+        args.push(mnt.to_str().unwrap());
+        run_s("tardisfs", &args)
+    };
+    let dbs = db.display();
+
+    // A wrong password, a missing repository and a bad option fail with one clear line and
+    // leave nothing mounted.
+    let out = tardisfs(&format!("database={dbs},host=h,password=wrong"), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("wrong password for host h"), "{err}");
+    assert!(!is_mounted(&mnt));
+    let missing = work.path().join("no-such-db");
+    let out = tardisfs(&format!("database={},host=h,password=pw", missing.display()), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+    assert!(!is_mounted(&mnt));
+    let out = tardisfs(&format!("database={dbs},host=h,colour=blue"), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!is_mounted(&mnt));
+
+    // Without -f, tardisfs returns once the mount works, and serves it in the background
+    // until unmounted. The password comes from a file here.
+    let pwfile = work.path().join("pw");
+    fs::write(&pwfile, "pw\n").unwrap();
+    let out = tardisfs(&format!("database={dbs},host=h,password_file={}", pwfile.display()), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let guard = Mounted { mnt: mnt.clone(), child: None, log: work.path().join("none") };
+    assert!(is_mounted(&mnt), "the mount is up when tardisfs returns");
+    assert_eq!(fs::read(inside(&mnt.join("only"), &src).join("f")).unwrap(), b"data");
+    let u = Command::new("fusermount3").arg("-u").arg(&mnt).status().unwrap();
+    assert!(u.success());
+    assert!(!is_mounted(&mnt));
+    drop(guard);
+    wait_until("the background tardisfs exits", || !tardisfs_running(&mnt));
+
+    // SIGTERM to a foreground tardisfs unmounts and exits cleanly.
+    let opts = format!("database={dbs},host=h,password=pw");
+    let mut mount = Mounted::foreground(&opts, &mnt, &work.path().join("tardisfs.log"));
+    let pid = nix::unistd::Pid::from_raw(mount.child().id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = wait_exit(mount.child());
+    assert!(status.success(), "tardisfs exited with {status}: {}", mount.log());
+    assert!(!is_mounted(&mnt));
+    drop(mount);
+
+    // SIGTERM while a file is open: the mount is detached at once, the open file keeps
+    // working, and tardisfs exits cleanly when it is closed.
+    let mut mount = Mounted::foreground(&opts, &mnt, &work.path().join("tardisfs2.log"));
+    let mut open = File::open(inside(&mnt.join("only"), &src).join("f")).unwrap();
+    let pid = nix::unistd::Pid::from_raw(mount.child().id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("the mount is detached", || !is_mounted(&mnt));
+    assert!(mount.child().try_wait().unwrap().is_none(), "tardisfs serves the open file until it is closed");
+    let mut data = Vec::new();
+    open.read_to_end(&mut data).unwrap();
+    assert_eq!(data, b"data");
+    drop(open);
+    let status = wait_exit(mount.child());
+    assert!(status.success(), "tardisfs exited with {status}: {}", mount.log());
+}
+
+/// Whether a `tardisfs` process serving `mnt` is still running.
+fn tardisfs_running(mnt: &Path) -> bool {
+    let Ok(procs) = fs::read_dir("/proc") else { return false };
+    procs.flatten().any(|p| {
+        let Ok(cmd) = fs::read(p.path().join("cmdline")) else { return false };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        args.first().is_some_and(|a| a.ends_with(b"tardisfs")) && args.contains(&mnt.as_os_str().as_bytes())
+    })
+}
+
+#[test]
+fn damaged_chunks_read_as_eio_never_as_zeros() {
+    if !fuse_usable() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let db = work.path().join("db");
+    let mnt = work.path().join("mnt");
+    fs::create_dir_all(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let content = noise(8_000_000, 77);
+    fs::write(src.join("big"), &content).unwrap();
+    backup(&db, &src, "one");
+    // Flip a byte in the middle of the segment: almost all of it is chunk bodies.
+    let seg = fs::read_dir(db.join("h/segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension() == Some(OsStr::new("seg")))
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .expect("a segment");
+    let mut bytes = fs::read(&seg).unwrap();
+    let at = bytes.len() * 6 / 10;
+    bytes[at] ^= 0xff;
+    fs::write(&seg, &bytes).unwrap();
+
+    let opts = format!("database={},host=h,password=pw", db.display());
+    let mount = Mounted::foreground(&opts, &mnt, &work.path().join("tardisfs.log"));
+    let path = inside(&mnt.join("one"), &src).join("big");
+    let err = fs::read(&path).expect_err("reading a damaged file must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Piece by piece: every piece either reads its true bytes or fails with EIO.
+    let f = File::open(&path).unwrap();
+    let mut failed = 0;
+    for off in (0..content.len()).step_by(1 << 16) {
+        let n = (1 << 16).min(content.len() - off);
+        let mut piece = vec![0u8; n];
+        match f.read_exact_at(&mut piece, off as u64) {
+            Ok(()) => assert!(piece == content[off..off + n], "wrong bytes at {off}"),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "at {off}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    assert!(failed > 0 && failed < content.len() / (1 << 16), "{failed} pieces failed");
+    assert!(mount.log().contains("checksum"), "the damage is logged: {}", mount.log());
+}
