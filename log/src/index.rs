@@ -101,6 +101,33 @@ pub struct Applied {
 /// One key-value pair of a logical index dump: column family, key, value.
 pub type DumpRow = (&'static str, Vec<u8>, Vec<u8>);
 
+/// How a key differs between the live index and an index rebuilt from the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Difference {
+    /// The live index holds the key; replaying the log does not produce it.
+    OnlyInIndex,
+    /// Replaying the log produces the key; the live index lacks it.
+    MissingFromIndex,
+    /// Both hold the key, with different values.
+    ValueDiffers,
+}
+
+/// One difference found by [`Index::compare`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexMismatch {
+    /// Column family (`meta`, `chunks`, `sets`, `entries`, `config`).
+    pub cf: &'static str,
+    pub key: Vec<u8>,
+    pub difference: Difference,
+}
+
+/// What [`Index::compare`] found: the first differences, and how many there are in all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Comparison {
+    pub mismatches: Vec<IndexMismatch>,
+    pub total: u64,
+}
+
 /// The index of one host's repository.
 #[derive(Debug)]
 pub struct Index {
@@ -294,6 +321,19 @@ impl Index {
             .collect()
     }
 
+    /// For each ID, where the chunk is stored (one batched read).
+    pub fn chunk_locs(&self, ids: &[ChunkId]) -> Result<Vec<Option<ChunkLoc>>> {
+        let cf = self.cf(CF_CHUNKS);
+        self.db
+            .multi_get_cf(ids.iter().map(|id| (cf, id.0)))
+            .into_iter()
+            .map(|r| match r.map_err(Error::index("reading chunk locations"))? {
+                Some(v) => ChunkLoc::decode(&v).map(Some),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
     /// Every set with its derived state.
     pub fn sets(&self) -> Vec<SetInfo> {
         let sets = self.sets.read().unwrap_or_else(|p| p.into_inner());
@@ -416,6 +456,91 @@ impl Index {
         Ok(out)
     }
 
+    /// Calls `f` for every row of the `entries` family, in key order: rows of one entry are
+    /// adjacent and ordered by the set that wrote them. Streams: nothing is collected.
+    pub fn for_each_entry(&self, f: &mut dyn FnMut(&DirId, &NameKey, SetId, EntryVersion) -> Result<()>) -> Result<()> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_ENTRIES));
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k.len() != 40 {
+                return Err(bad_value("entry key", k.len()));
+            }
+            let dir = DirId(k[..16].try_into().expect("16-byte slice"));
+            let name = NameKey(k[16..32].try_into().expect("16-byte slice"));
+            f(&dir, &name, entry_set(k), Self::decode_entry(k, v)?)?;
+            it.next();
+        }
+        it.status().map_err(Error::index("reading entries"))
+    }
+
+    /// Calls `f` for every stored version that at least one of `readers` sees, with the readers
+    /// that see it. `readers` must be completed sets in ascending order (the live sets, or one
+    /// of them): `verify` uses this to find every chunk a kept set references.
+    ///
+    /// For a completed reader R the rule of [`Index::lookup`] reduces to this: a row written by
+    /// set F is visible to R iff F = R or F completed, and F = R implies F completed. So the
+    /// row of F is seen by exactly the readers R with F <= R < F', where F' is the set of the
+    /// next row of the same entry whose set completed (a version or a deletion). Rows of sets
+    /// that never completed are seen by no completed reader.
+    pub fn for_each_seen_version(
+        &self,
+        readers: &[SetId],
+        f: &mut dyn FnMut(&FileVersion, &[SetId]) -> Result<()>,
+    ) -> Result<()> {
+        let sets = self.sets.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let completed = |s: SetId| sets.get(&s).is_some_and(|r| r.finished.is_some());
+        if let Some(r) = readers.iter().find(|r| !completed(**r)) {
+            return Err(Error::Refused(format!("set {r} is not completed; only completed sets can be checked")));
+        }
+        if readers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::Refused("readers must be in ascending order".into()));
+        }
+        // The rows of the current entry: (dir, name) and its rows of completed sets, oldest
+        // first. Bounded by the number of sets, however large the index.
+        let mut group: Option<(DirId, NameKey)> = None;
+        let mut rows: Vec<EntryVersion> = Vec::new();
+        let mut flush = |rows: &mut Vec<EntryVersion>| -> Result<()> {
+            for (i, row) in rows.iter().enumerate() {
+                let EntryVersion::Version(v) = row else { continue };
+                let until = rows.get(i + 1).map_or(SetId::MAX, |next| next.set());
+                let from = readers.partition_point(|r| *r < v.set);
+                let to = readers.partition_point(|r| *r < until);
+                if from < to {
+                    f(v, &readers[from..to])?;
+                }
+            }
+            rows.clear();
+            Ok(())
+        };
+        self.for_each_entry(&mut |dir, name, set, row| {
+            if group != Some((*dir, *name)) {
+                flush(&mut rows)?;
+                group = Some((*dir, *name));
+            }
+            if completed(set) {
+                rows.push(row);
+            }
+            Ok(())
+        })?;
+        flush(&mut rows)
+    }
+
+    /// For each entry row (directory, name, set that wrote it), whether `other` holds the same
+    /// row with the same value. `verify` asks this of the index rebuilt from the log about every
+    /// row a kept set sees: a row the log does not confirm would be lost by `rebuild-index`.
+    pub fn same_entries(&self, other: &Index, rows: &[(DirId, NameKey, SetId)]) -> Result<Vec<bool>> {
+        let get = |ix: &Index| -> Result<Vec<Option<Vec<u8>>>> {
+            let cf = ix.cf(CF_ENTRIES);
+            ix.db
+                .multi_get_cf(rows.iter().map(|(d, n, s)| (cf, entry_key(d, n, *s))))
+                .into_iter()
+                .map(|r| r.map_err(Error::index("reading entries")))
+                .collect()
+        };
+        let (mine, theirs) = (get(self)?, get(other)?);
+        Ok(mine.iter().zip(&theirs).map(|(a, b)| a.is_some() && a == b).collect())
+    }
+
     /// Per-host configuration values.
     pub fn config(&self) -> Result<BTreeMap<String, String>> {
         let mut out = BTreeMap::new();
@@ -444,11 +569,232 @@ impl Index {
         Ok(out)
     }
 
+    /// Compares this (live) index with `expected`, one rebuilt from the log, column family by
+    /// column family with two iterators in lockstep (nothing is loaded whole). Keeps the first
+    /// `limit` differences and counts all of them. An iterator error aborts the comparison: it
+    /// is never taken for the end of the data.
+    pub fn compare(&self, expected: &Index, limit: usize) -> Result<Comparison> {
+        use std::cmp::Ordering;
+        let mut out = Comparison::default();
+        for name in ALL_CFS {
+            let mut live = self.db.raw_iterator_cf(self.cf(name));
+            let mut log = expected.db.raw_iterator_cf(expected.cf(name));
+            live.seek_to_first();
+            log.seek_to_first();
+            loop {
+                let difference = match (live.key(), log.key()) {
+                    (None, None) => break,
+                    (Some(_), None) => Some((Difference::OnlyInIndex, Ordering::Less)),
+                    (None, Some(_)) => Some((Difference::MissingFromIndex, Ordering::Greater)),
+                    (Some(a), Some(b)) => match a.cmp(b) {
+                        Ordering::Less => Some((Difference::OnlyInIndex, Ordering::Less)),
+                        Ordering::Greater => Some((Difference::MissingFromIndex, Ordering::Greater)),
+                        Ordering::Equal if live.value() == log.value() => None,
+                        Ordering::Equal => Some((Difference::ValueDiffers, Ordering::Equal)),
+                    },
+                };
+                // Which side to advance: the one with the smaller key, or both on equal keys.
+                let step = match difference {
+                    None => Ordering::Equal,
+                    Some((difference, step)) => {
+                        out.total += 1;
+                        if out.mismatches.len() < limit {
+                            let key = if step == Ordering::Greater { log.key() } else { live.key() };
+                            let key = key.expect("the side that differs has a key").to_vec();
+                            out.mismatches.push(IndexMismatch { cf: name, key, difference });
+                        }
+                        step
+                    }
+                };
+                if step != Ordering::Greater {
+                    live.next();
+                }
+                if step != Ordering::Less {
+                    log.next();
+                }
+            }
+            live.status().map_err(Error::index("comparing indexes"))?;
+            log.status().map_err(Error::index("comparing indexes"))?;
+        }
+        Ok(out)
+    }
+
+    /// Deletes one key, as damage to the index would (tests of the checks only).
+    #[cfg(test)]
+    pub(crate) fn delete_raw(&self, cf: &str, key: &[u8]) {
+        self.db.delete_cf(self.cf(cf), key).unwrap();
+    }
+
     /// Flushes memtables so the index need not be replayed from its WAL on the next open.
     pub fn flush(&self) -> Result<()> {
         for name in ALL_CFS {
             self.db.flush_cf(self.cf(name)).map_err(Error::index("flushing"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use tardis_core::event::{ChunkStored, EntryDeleted, Extent, SetCompleted, SetOpened, SetPurged};
+
+    /// Applies `events` as one batch ending at offset `end` of segment 1.
+    fn apply(ix: &Index, events: Vec<Event>, end: u64) {
+        let applied: Vec<Applied> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| Applied { pos: Pos { segment: 1, offset: end * 100 + i as u64 }, event, body_len: 7 })
+            .collect();
+        ix.apply(&applied, Pos { segment: 1, offset: end * 100 + 99 }).unwrap();
+    }
+
+    fn opened(set: SetId) -> Event {
+        Event::SetOpened(SetOpened { set, name: format!("s{set}"), priority: 1, started: 0, base: None })
+    }
+
+    fn completed(set: SetId) -> Event {
+        Event::SetCompleted(SetCompleted { set, finished: set as i64, stats: SetStats::default() })
+    }
+
+    fn version(set: SetId, dir: u8, name: u8) -> Event {
+        let id = ChunkId([set as u8; 32]);
+        Event::FileVersion(FileVersion {
+            set,
+            dir: DirId([dir; 16]),
+            name: NameKey([name; 16]),
+            extents: vec![Extent { offset: 0, len: 3, id }],
+            meta: Default::default(),
+        })
+    }
+
+    /// The same small history, applied to a fresh index.
+    fn small_history(path: &Path) -> Index {
+        let ix = Index::open(path).unwrap();
+        let chunk = Event::ChunkStored(ChunkStored { id: ChunkId([1; 32]), plain_len: 3, encoding: 0 });
+        apply(&ix, vec![opened(1)], 1);
+        apply(&ix, vec![chunk, version(1, 1, 1), version(1, 1, 2)], 2);
+        apply(&ix, vec![completed(1)], 3);
+        ix
+    }
+
+    #[test]
+    fn compare_reports_a_missing_key_an_extra_key_and_a_changed_value() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (live, log) = (small_history(a.path()), small_history(b.path()));
+        assert_eq!(live.compare(&log, 20).unwrap(), Comparison::default(), "equal histories give equal indexes");
+
+        live.db.delete_cf(live.cf(CF_CHUNKS), [1; 32]).unwrap();
+        let extra = entry_key(&DirId([9; 16]), &NameKey([9; 16]), 5);
+        live.db.put_cf(live.cf(CF_ENTRIES), extra, [ENTRY_DELETED]).unwrap();
+        live.db.put_cf(live.cf(CF_SETS), 1u64.to_be_bytes(), b"changed").unwrap();
+
+        let cmp = live.compare(&log, 20).unwrap();
+        assert_eq!(cmp.total, 3, "{cmp:?}");
+        let expected = vec![
+            IndexMismatch { cf: CF_CHUNKS, key: vec![1; 32], difference: Difference::MissingFromIndex },
+            IndexMismatch { cf: CF_SETS, key: 1u64.to_be_bytes().to_vec(), difference: Difference::ValueDiffers },
+            IndexMismatch { cf: CF_ENTRIES, key: extra.to_vec(), difference: Difference::OnlyInIndex },
+        ];
+        assert_eq!(cmp.mismatches, expected);
+        // The other direction swaps the sides.
+        let back = log.compare(&live, 20).unwrap();
+        assert_eq!(back.mismatches[0].difference, Difference::OnlyInIndex);
+        assert_eq!(back.mismatches[2].difference, Difference::MissingFromIndex);
+        // Only `limit` differences are kept, all are counted.
+        let cut = live.compare(&log, 1).unwrap();
+        assert_eq!((cut.mismatches.len(), cut.total), (1, 3));
+    }
+
+    #[test]
+    fn same_entries_confirms_only_identical_rows() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (live, log) = (small_history(a.path()), small_history(b.path()));
+        let rows = [
+            (DirId([1; 16]), NameKey([1; 16]), 1),
+            (DirId([1; 16]), NameKey([2; 16]), 1),
+            (DirId([1; 16]), NameKey([3; 16]), 1),
+        ];
+        assert_eq!(
+            live.same_entries(&log, &rows).unwrap(),
+            [true, true, false],
+            "a row neither holds is not confirmed"
+        );
+        log.db.put_cf(log.cf(CF_ENTRIES), entry_key(&rows[1].0, &rows[1].1, 1), [ENTRY_DELETED]).unwrap();
+        assert_eq!(live.same_entries(&log, &rows).unwrap(), [true, false, false]);
+    }
+
+    /// xorshift64, so the histories are varied but the same on every run.
+    fn next(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    #[test]
+    fn seen_versions_follow_exactly_the_lookup_rule() {
+        for seed in 1..=25u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let ix = Index::open(dir.path()).unwrap();
+            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut end = 0;
+            let sets = 3 + next(&mut x) % 8;
+            for set in 1..=sets {
+                end += 1;
+                apply(&ix, vec![opened(set)], end);
+                let mut writes = Vec::new();
+                for name in 0..4u8 {
+                    match next(&mut x) % 4 {
+                        0 => writes.push(version(set, 1, name)),
+                        1 => writes.push(Event::EntryDeleted(EntryDeleted {
+                            set,
+                            dir: DirId([1; 16]),
+                            name: NameKey([name; 16]),
+                        })),
+                        _ => {}
+                    }
+                }
+                end += 1;
+                apply(&ix, writes, end);
+                // Some sets are abandoned (the next one is opened before they complete), some
+                // completed sets are purged later on.
+                if !next(&mut x).is_multiple_of(4) {
+                    end += 1;
+                    apply(&ix, vec![completed(set)], end);
+                }
+            }
+            let purge = 1 + next(&mut x) % sets;
+            end += 1;
+            apply(&ix, vec![Event::SetPurged(SetPurged { set: purge, time: 0 })], end);
+            let readers: Vec<SetId> = ix.sets().into_iter().filter(|s| s.is_live()).map(|s| s.id).collect();
+
+            let mut expected: BTreeSet<(u8, SetId, SetId)> = BTreeSet::new();
+            for r in &readers {
+                for name in 0..4u8 {
+                    if let Some(v) = ix.lookup(*r, &DirId([1; 16]), &NameKey([name; 16])).unwrap() {
+                        expected.insert((name, v.set, *r));
+                    }
+                }
+            }
+            let mut seen = BTreeSet::new();
+            ix.for_each_seen_version(&readers, &mut |v, by| {
+                assert!(!by.is_empty());
+                seen.extend(by.iter().map(|r| (v.name.0[0], v.set, *r)));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen, expected, "seed {seed}: readers {readers:?}");
+        }
+    }
+
+    #[test]
+    fn seen_versions_refuse_readers_that_are_not_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ix = small_history(dir.path());
+        apply(&ix, vec![opened(2)], 10);
+        let err = ix.for_each_seen_version(&[1, 2], &mut |_, _| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("set 2 is not completed"), "{err}");
     }
 }

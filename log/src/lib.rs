@@ -19,5 +19,5 @@ pub mod segments;
 pub mod storage;
 
 pub use error::{Error, Result};
-pub use repo::{ReplayStats, Repo, RepoOptions};
+pub use repo::{IndexCheck, ReplayStats, Repo, RepoOptions};
 pub use segments::{LogOptions, Pos};

@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::frame::{MAX_BODY, SEGMENT_HEADER_LEN};
-use crate::index::{Applied, Index, INDEX_VERSION};
+use crate::index::{Applied, Index, IndexMismatch, INDEX_VERSION};
 use crate::segments::{self, Batch, Damage, Log, LogOptions, NextSeq, Pos, Rec, Recovery};
 use crate::storage::{DirStorage, Storage};
 use std::collections::HashMap;
@@ -38,6 +38,69 @@ pub struct ReplayStats {
     pub batches: u64,
     pub records: u64,
     pub damage: Vec<Damage>,
+}
+
+/// Name of the scratch index that [`Repo::check_index`] rebuilds from the log, under the
+/// host's directory. It exists only while a check runs.
+pub const VERIFY_INDEX_DIR: &str = "verify-index.tmp";
+
+/// How many index differences [`Repo::check_index`] keeps (all of them are counted).
+pub const MISMATCH_LIMIT: usize = 20;
+
+/// What [`Repo::check_index`] found.
+#[derive(Debug)]
+pub struct IndexCheck {
+    /// The full scan of the log that fed the rebuilt index: every record and every body was
+    /// read and checked, so `scan.damage` is what [`Repo::scan_log`] reports.
+    pub scan: ReplayStats,
+    /// The first [`MISMATCH_LIMIT`] differences between the live index and the rebuilt one.
+    pub mismatches: Vec<IndexMismatch>,
+    /// How many differences there are in all.
+    pub mismatch_count: u64,
+    /// The index rebuilt from the log. It stays open, so callers can ask it where the log
+    /// holds a chunk, and is deleted when this value is dropped.
+    pub rebuilt: ScratchIndex,
+}
+
+/// A temporary index in its own directory, deleted when dropped.
+#[derive(Debug)]
+pub struct ScratchIndex {
+    index: Option<Index>,
+    path: PathBuf,
+}
+
+impl ScratchIndex {
+    /// Creates an empty index at `path`. Anything already there can only be left over from a
+    /// run that was killed (the repository lock keeps two checks apart), so it is removed.
+    fn create(path: &Path) -> Result<ScratchIndex> {
+        if fs::symlink_metadata(path).is_ok() {
+            tracing::warn!(path = %path.display(), "removing the scratch index of an interrupted verify");
+            fs::remove_dir_all(path)
+                .map_err(|e| Error::io("removing scratch index left by an interrupted verify", path, e))?;
+        }
+        // From here on, dropping the guard removes whatever was created, even on error.
+        let mut scratch = ScratchIndex { index: None, path: path.to_owned() };
+        scratch.index = Some(Index::open(path)?);
+        Ok(scratch)
+    }
+}
+
+impl std::ops::Deref for ScratchIndex {
+    type Target = Index;
+    fn deref(&self) -> &Index {
+        self.index.as_ref().expect("set by create and taken only by drop")
+    }
+}
+
+impl Drop for ScratchIndex {
+    fn drop(&mut self) {
+        drop(self.index.take()); // RocksDB must be closed before its files go
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), "removing scratch index: {e}");
+            }
+        }
+    }
 }
 
 /// One host's repository, open for reading and writing.
@@ -244,8 +307,23 @@ impl Repo {
 
     /// Applies every committed batch after `from` (every batch, without `from`) to the index.
     fn replay(&self, from: Option<Pos>) -> Result<ReplayStats> {
-        let (mut batches, mut records) = (0u64, 0u64);
         let plan = ScanPlan { from, verify_bodies: false, last_tail_is_damage: false };
+        let stats = self.replay_into(&self.index, plan)?;
+        for d in &stats.damage {
+            tracing::error!(
+                segment = d.segment,
+                offset = d.offset,
+                "damaged log records: {}; run `tardis-tools verify`",
+                d.reason
+            );
+        }
+        Ok(stats)
+    }
+
+    /// Applies every committed batch that `plan` reads to `index`: the live index when opening
+    /// or rebuilding, a scratch index when checking the live one.
+    fn replay_into(&self, index: &Index, plan: ScanPlan) -> Result<ReplayStats> {
+        let (mut batches, mut records) = (0u64, 0u64);
         let report = self.scan_segments(plan, &mut |batch| {
             let mut applied = Vec::with_capacity(batch.records.len());
             for r in &batch.records {
@@ -255,17 +333,24 @@ impl Repo {
             }
             batches += 1;
             records += applied.len() as u64;
-            self.index.apply(&applied, batch.end)
+            index.apply(&applied, batch.end)
         })?;
-        for d in &report.damage {
-            tracing::error!(
-                segment = d.segment,
-                offset = d.offset,
-                "damaged log records: {}; run `tardis-tools verify`",
-                d.reason
-            );
-        }
         Ok(ReplayStats { segments: report.segments, batches, records, damage: report.damage })
+    }
+
+    /// Checks that the index could be rebuilt to the same state: replays the whole log into a
+    /// scratch index (`<host>/verify-index.tmp`) and compares it with the live index key by key.
+    /// The replay reads every record and body, so the result also holds the damage that
+    /// [`Repo::scan_log`] would report: one pass over the log serves both checks.
+    ///
+    /// Writes are held off for the whole check, so the log and the live index stand still.
+    pub fn check_index(&self) -> Result<IndexCheck> {
+        let _writer = self.writer();
+        let rebuilt = ScratchIndex::create(&self.dir.join(VERIFY_INDEX_DIR))?;
+        let plan = ScanPlan { from: None, verify_bodies: true, last_tail_is_damage: true };
+        let scan = self.replay_into(&rebuilt, plan)?;
+        let cmp = self.index.compare(&rebuilt, MISMATCH_LIMIT)?;
+        Ok(IndexCheck { scan, mismatches: cmp.mismatches, mismatch_count: cmp.total, rebuilt })
     }
 
     /// Reads every record of every segment, checking framing, both checksums, batch commits and
@@ -673,6 +758,99 @@ mod tests {
         assert_eq!(stats.batches, 3);
         let repo = Repo::open(base.path(), "h", RepoOptions::default()).unwrap();
         assert_eq!(repo.index().dump().unwrap(), before);
+    }
+
+    #[test]
+    fn check_index_compares_with_a_scratch_rebuild_and_removes_it() {
+        let base = tempfile::tempdir().unwrap();
+        let repo = Repo::open(base.path(), "h", RepoOptions::default()).unwrap();
+        repo.create_host(HostId([1; 16]), false, None).unwrap();
+        let set = repo.open_set("s", 1).unwrap();
+        let id = ChunkId([7; 32]);
+        let chunk = tardis_core::chunkcodec::EncodedChunk { id, plain_len: 3, encoding: 0, body: b"abc".to_vec() };
+        repo.append(set, vec![Write::Chunk(chunk)]).unwrap();
+        repo.complete_set(set, SetStats::default()).unwrap();
+        let scratch = base.path().join("h").join(VERIFY_INDEX_DIR);
+        // A scratch index left by a killed run is replaced, not trusted.
+        fs::create_dir_all(scratch.join("junk")).unwrap();
+
+        let check = repo.check_index().unwrap();
+        assert!(check.mismatches.is_empty() && check.mismatch_count == 0, "{:?}", check.mismatches);
+        assert!(check.scan.damage.is_empty());
+        assert_eq!((check.scan.batches, check.scan.records), (4, 4));
+        assert!(scratch.is_dir() && !scratch.join("junk").exists());
+        assert!(check.rebuilt.chunk(&id).unwrap().is_some(), "the rebuilt index stays open for lookups");
+        drop(check);
+        assert!(!scratch.exists(), "the scratch index is removed afterwards");
+
+        repo.index().delete_raw("chunks", &id.0);
+        let check = repo.check_index().unwrap();
+        assert_eq!(check.mismatch_count, 1);
+        assert_eq!(check.mismatches[0].cf, "chunks");
+        assert_eq!(check.mismatches[0].key, id.0.to_vec());
+        assert_eq!(check.mismatches[0].difference, crate::index::Difference::MissingFromIndex);
+    }
+
+    /// Segment storage whose reads fail with EIO while `fail` is set.
+    #[derive(Debug)]
+    struct FailingReads {
+        inner: DirStorage,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Storage for FailingReads {
+        fn list(&self) -> std::io::Result<Vec<u64>> {
+            self.inner.list()
+        }
+        fn create(&self, seg: u64, header: &[u8]) -> std::io::Result<Box<dyn crate::storage::SegmentFile>> {
+            self.inner.create(seg, header)
+        }
+        fn open_append(&self, seg: u64) -> std::io::Result<Box<dyn crate::storage::SegmentFile>> {
+            self.inner.open_append(seg)
+        }
+        fn len(&self, seg: u64) -> std::io::Result<u64> {
+            self.inner.len(seg)
+        }
+        fn read_at(&self, seg: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(5));
+            }
+            self.inner.read_at(seg, offset, buf)
+        }
+        fn truncate(&self, seg: u64, len: u64) -> std::io::Result<()> {
+            self.inner.truncate(seg, len)
+        }
+        fn remove(&self, seg: u64) -> std::io::Result<()> {
+            self.inner.remove(seg)
+        }
+        fn quarantine(&self, seg: u64, offset: u64, bytes: &[u8]) -> std::io::Result<PathBuf> {
+            self.inner.quarantine(seg, offset, bytes)
+        }
+        fn describe(&self, seg: u64) -> PathBuf {
+            self.inner.describe(seg)
+        }
+    }
+
+    #[test]
+    fn a_read_error_aborts_the_checks_and_is_never_an_empty_result() {
+        // RELIABILITY invariant 7 (restic #4612): a failed read must not pass for "no damage".
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("h");
+        let inner = DirStorage::new(&dir.join("segments"), &dir.join("quarantine")).unwrap();
+        let storage = Arc::new(FailingReads { inner, fail: false.into() });
+        let opts = RepoOptions { storage: Some(storage.clone()), ..RepoOptions::default() };
+        let repo = Repo::open(base.path(), "h", opts).unwrap();
+        repo.create_host(HostId([1; 16]), false, None).unwrap();
+        let set = repo.open_set("s", 1).unwrap();
+        repo.complete_set(set, SetStats::default()).unwrap();
+
+        storage.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = repo.check_index().unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        assert!(!dir.join(VERIFY_INDEX_DIR).exists(), "the scratch index is removed on error too");
+        assert!(matches!(repo.scan_log(), Err(Error::Io { .. })));
+        storage.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(repo.check_index().unwrap().mismatch_count, 0);
     }
 
     #[test]

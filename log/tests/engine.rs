@@ -264,6 +264,7 @@ fn crash_at_every_storage_operation() {
         fault.ops()
     };
     assert!(total > 40, "workload too small to be interesting: {total} ops");
+    eprintln!("crash sweep over {total} storage operations");
     let modes = [CrashMode::DropUnsynced, CrashMode::KeepUnsynced, CrashMode::Tear { seed: 1 }];
     for n in 1..=total {
         let mode = modes[n as usize % modes.len()];
