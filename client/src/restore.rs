@@ -152,13 +152,13 @@ impl FileWriter {
         self.file.write_all_at(data, offset).map_err(Error::io_at("writing", &self.tmp))
     }
 
-    /// Sets the length to `size` (a trailing gap becomes a hole), syncs the data and renames the
+    /// Sets the length to `size` (a trailing gap becomes a hole) and renames the
     /// file onto the target. Metadata is applied afterwards with [`apply_meta`] on the target.
     pub fn finish(mut self, size: u64) -> Result<()> {
         self.file.set_len(size).map_err(Error::io_at("setting the length of", &self.tmp))?;
-        // The data must be durable before the name points at it, or a crash could leave a
-        // complete-looking name with missing contents.
-        self.file.sync_all().map_err(Error::io_at("syncing", &self.tmp))?;
+        // No fsync per file: a killed restore never shows a partial file under the target name
+        // (the rename is the last step), and durability comes from one `sync_filesystem` at the
+        // end of the restore, which is an order of magnitude faster on trees of small files.
         place(&self.tmp, &self.target, self.overwrite).map_err(Error::io_at("moving into place", &self.target))?;
         self.finished = true;
         Ok(())
@@ -300,6 +300,14 @@ fn place(tmp: &Path, target: &Path, overwrite: bool) -> io::Result<()> {
         return Err(io::Error::from(io::ErrorKind::AlreadyExists));
     }
     fs::rename(tmp, target)
+}
+
+/// Makes everything written to the file system holding `path` durable (`syncfs`): called once
+/// at the end of a restore instead of an fsync per file.
+pub fn sync_filesystem(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(path).map_err(Error::io_at("opening", path))?;
+    nix::unistd::syncfs(f.as_raw_fd()).map_err(|e| Error::io("syncing the file system of", path, e.into()))
 }
 
 #[cfg(test)]

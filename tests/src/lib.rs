@@ -171,3 +171,75 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// Sets a path's access and modification times (not following a final symlink).
+pub fn set_mtime(path: &Path, sec: i64, nsec: i64) {
+    let ts = nix::sys::time::TimeSpec::new(sec, nsec);
+    nix::sys::stat::utimensat(None, path, &ts, &ts, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
+        .expect("utimensat");
+}
+
+/// A tree with every kind of entry Tardis saves: files (empty, small, one of `big_len` bytes of
+/// noise spanning chunks, a sparse one), directories, symlinks (one dangling), a hard link, a
+/// FIFO, a device node, a name that is not UTF-8, private and set-uid modes, another owner,
+/// xattrs, a POSIX ACL and nanosecond times. Needs root.
+pub fn every_kind_tree(root: &Path, big_len: usize) {
+    use std::io::Write as _;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    fs::create_dir_all(root.join("dir/deeper")).expect("mkdir");
+    fs::write(root.join("plain.txt"), "hello tardis\n").expect("write");
+    fs::write(root.join("dir/deeper/nested.txt"), "nested ".repeat(1000)).expect("write");
+    fs::write(root.join("empty"), "").expect("write");
+    fs::write(root.join("dir/big.bin"), noise(big_len, 5)).expect("write");
+    // Sparse: 1 MiB of data, a 20 MiB hole, then more data.
+    let mut f = fs::File::create(root.join("sparse.img")).expect("create");
+    f.write_all(&vec![7u8; 1 << 20]).expect("write");
+    f.set_len(21 << 20).expect("set_len");
+    drop(f);
+    let f = fs::OpenOptions::new().append(true).open(root.join("sparse.img")).expect("open");
+    (&f).write_all(b"tail data").expect("write");
+    symlink("plain.txt", root.join("link")).expect("symlink");
+    symlink("/nonexistent/target", root.join("dangling")).expect("symlink");
+    fs::hard_link(root.join("plain.txt"), root.join("dir/hardlink")).expect("link");
+    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).expect("mkfifo");
+    nix::sys::stat::mknod(
+        &root.join("null-dev"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .expect("mknod (needs root)");
+    fs::write(root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")), "not utf-8 name").expect("write");
+    fs::write(root.join("secret"), "mode 600").expect("write");
+    fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    nix::unistd::chown(&root.join("secret"), Some(1234.into()), Some(5678.into())).expect("chown (needs root)");
+    fs::write(root.join("setuid"), "suid").expect("write");
+    fs::set_permissions(root.join("setuid"), fs::Permissions::from_mode(0o4755)).expect("chmod");
+    xattr::set(root.join("plain.txt"), "user.comment", b"a comment").expect("setxattr");
+    xattr::set(root.join("dir"), "user.dirattr", b"\x00\x01binary").expect("setxattr");
+    let acl = Command::new("setfacl")
+        .args(["-m", "u:1234:r"])
+        .arg(root.join("dir/big.bin"))
+        .status()
+        .expect("setfacl (package acl)");
+    assert!(acl.success());
+    set_mtime(&root.join("plain.txt"), 1_600_000_000, 123_456_789);
+    set_mtime(&root.join("link"), 1_500_000_000, 987_654_321);
+}
+
+/// Changes of every kind to [`every_kind_tree`]: an edit, a deletion, a rename, new entries,
+/// changed xattrs and modes, and a symlink that became a directory.
+pub fn change_every_kind(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(root.join("plain.txt"), "hello again, tardis\n").expect("write");
+    fs::remove_file(root.join("empty")).expect("rm");
+    fs::rename(root.join("dir/deeper"), root.join("moved")).expect("rename");
+    fs::write(root.join("new.txt"), "brand new").expect("write");
+    fs::create_dir(root.join("newdir")).expect("mkdir");
+    fs::write(root.join("newdir/inside"), "x".repeat(5000)).expect("write");
+    xattr::set(root.join("plain.txt"), "user.comment", b"changed comment").expect("setxattr");
+    xattr::remove(root.join("dir"), "user.dirattr").expect("removexattr");
+    fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o640)).expect("chmod");
+    fs::remove_file(root.join("link")).expect("rm");
+    fs::create_dir(root.join("link")).expect("mkdir");
+}

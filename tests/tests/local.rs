@@ -1,78 +1,15 @@
 //! `tardis --local` and `regenerate`/`tardis-tools` end to end, on real trees, as root.
 
 use std::ffi::OsStr;
-use std::fs::{self, File};
-use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use tardis_tests::{assert_same, bin, du, manifest, noise, run, run_s};
+use tardis_tests::{assert_same, bin, change_every_kind, du, every_kind_tree, manifest, noise, run, run_s};
 
-fn set_mtime(path: &Path, sec: i64, nsec: i64) {
-    let ts = nix::sys::time::TimeSpec::new(sec, nsec);
-    nix::sys::stat::utimensat(None, path, &ts, &ts, nix::sys::stat::UtimensatFlags::NoFollowSymlink).unwrap();
-}
-
-/// A tree with every kind of entry Tardis saves.
+/// The shared tree of every kind of entry, plus a socket (skipped with a note).
 fn build_tree(root: &Path) {
-    fs::create_dir_all(root.join("dir/deeper")).unwrap();
-    fs::write(root.join("plain.txt"), "hello tardis\n").unwrap();
-    fs::write(root.join("dir/deeper/nested.txt"), "nested ".repeat(1000)).unwrap();
-    fs::write(root.join("empty"), "").unwrap();
-    fs::write(root.join("dir/big.bin"), noise(3_000_000, 5)).unwrap();
-    // Sparse: 1 MiB of data, a 20 MiB hole, then more data.
-    let mut f = File::create(root.join("sparse.img")).unwrap();
-    f.write_all(&vec![7u8; 1 << 20]).unwrap();
-    f.set_len(21 << 20).unwrap();
-    drop(f);
-    let f = fs::OpenOptions::new().append(true).open(root.join("sparse.img")).unwrap();
-    (&f).write_all(b"tail data").unwrap();
-    symlink("plain.txt", root.join("link")).unwrap();
-    symlink("/nonexistent/target", root.join("dangling")).unwrap();
-    fs::hard_link(root.join("plain.txt"), root.join("dir/hardlink")).unwrap();
-    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
-    nix::sys::stat::mknod(
-        &root.join("null-dev"),
-        nix::sys::stat::SFlag::S_IFCHR,
-        nix::sys::stat::Mode::from_bits_truncate(0o666),
-        nix::sys::stat::makedev(1, 3),
-    )
-    .unwrap();
-    let odd = root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9"));
-    fs::write(&odd, "not utf-8 name").unwrap();
-    fs::write(root.join("secret"), "mode 600").unwrap();
-    fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
-    fs::write(root.join("setuid"), "suid").unwrap();
-    fs::set_permissions(root.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
-    nix::unistd::chown(&root.join("secret"), Some(1234.into()), Some(5678.into())).unwrap();
-    xattr::set(root.join("plain.txt"), "user.comment", b"a comment").unwrap();
-    xattr::set(root.join("dir"), "user.dirattr", b"\x00\x01binary").unwrap();
-    let acl = Command::new("setfacl")
-        .args(["-m", "u:1234:r"])
-        .arg(root.join("dir/big.bin"))
-        .status()
-        .expect("setfacl (package acl)");
-    assert!(acl.success());
-    set_mtime(&root.join("plain.txt"), 1_600_000_000, 123_456_789);
-    set_mtime(&root.join("link"), 1_500_000_000, 987_654_321);
-    // A socket is skipped with a note.
+    every_kind_tree(root, 3_000_000);
     let _sock = std::os::unix::net::UnixListener::bind(root.join("socket")).unwrap();
-}
-
-/// Changes of every kind: edit, delete, rename, new files, xattrs and modes.
-fn change_tree(root: &Path) {
-    fs::write(root.join("plain.txt"), "hello again, tardis\n").unwrap();
-    fs::remove_file(root.join("empty")).unwrap();
-    fs::rename(root.join("dir/deeper"), root.join("moved")).unwrap();
-    fs::write(root.join("new.txt"), "brand new").unwrap();
-    fs::create_dir(root.join("newdir")).unwrap();
-    fs::write(root.join("newdir/inside"), "x".repeat(5000)).unwrap();
-    xattr::set(root.join("plain.txt"), "user.comment", b"changed comment").unwrap();
-    xattr::remove(root.join("dir"), "user.dirattr").unwrap();
-    fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o640)).unwrap();
-    fs::remove_file(root.join("link")).unwrap();
-    fs::create_dir(root.join("link")).unwrap(); // a symlink that became a directory
 }
 
 fn backup(db: &Path, host: &str, pw: &str, path: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
@@ -118,7 +55,7 @@ fn two_sets_of_every_kind_of_entry_regenerate_exactly() {
     assert!(err.contains("skipped socket"), "{err}");
     assert!(s1["files_read"].as_u64().unwrap() >= 8);
 
-    change_tree(&src);
+    change_every_kind(&src);
     fs::remove_file(src.join("socket")).unwrap();
     let m2 = manifest(&src);
     let (code, s2, err) = backup(&db, "h", "pw", &src, &["--name", "second"]);

@@ -7,13 +7,13 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use tardis_tests::{assert_same, bin, manifest, noise, run, run_s, Entry};
+use tardis_tests::{assert_same, bin, change_every_kind, every_kind_tree, manifest, noise, run, run_s, Entry};
 
 /// How long a mount may take to appear or a process to exit before the test fails.
 const LIMIT: Duration = Duration::from_secs(30);
@@ -138,78 +138,19 @@ impl Drop for Mounted {
     }
 }
 
-fn set_mtime(path: &Path, sec: i64, nsec: i64) {
-    let ts = nix::sys::time::TimeSpec::new(sec, nsec);
-    nix::sys::stat::utimensat(None, path, &ts, &ts, nix::sys::stat::UtimensatFlags::NoFollowSymlink).unwrap();
-}
-
 /// Content of the files that the concurrent readers check.
 fn par_content(i: u64) -> Vec<u8> {
     noise(1_500_000 + i as usize * 123_457, 100 + i)
 }
 
-/// A tree with every kind of entry: files (empty, small, a 5 MB one spanning chunks, a sparse
-/// one), directories, symlinks (one dangling), a hard link, a FIFO, a device node, odd names,
-/// modes, owners, xattrs and an ACL.
+/// The shared tree of every kind of entry (with a 5 MB file spanning chunks), plus eight files
+/// for the concurrent readers.
 fn build_tree(root: &Path) {
-    fs::create_dir_all(root.join("dir/deeper")).unwrap();
-    fs::write(root.join("plain.txt"), "hello tardis\n").unwrap();
-    fs::write(root.join("dir/deeper/nested.txt"), "nested ".repeat(1000)).unwrap();
-    fs::write(root.join("empty"), "").unwrap();
-    fs::write(root.join("dir/big.bin"), noise(5_000_000, 5)).unwrap();
-    let mut f = File::create(root.join("sparse.img")).unwrap();
-    f.write_all(&vec![7u8; 1 << 20]).unwrap();
-    f.set_len(21 << 20).unwrap();
-    drop(f);
-    let f = fs::OpenOptions::new().append(true).open(root.join("sparse.img")).unwrap();
-    (&f).write_all(b"tail data").unwrap();
-    symlink("plain.txt", root.join("link")).unwrap();
-    symlink("/nonexistent/target", root.join("dangling")).unwrap();
-    fs::hard_link(root.join("plain.txt"), root.join("dir/hardlink")).unwrap();
-    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
-    nix::sys::stat::mknod(
-        &root.join("null-dev"),
-        nix::sys::stat::SFlag::S_IFCHR,
-        nix::sys::stat::Mode::from_bits_truncate(0o666),
-        nix::sys::stat::makedev(1, 3),
-    )
-    .unwrap();
-    fs::write(root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")), "not utf-8 name").unwrap();
-    fs::write(root.join("secret"), "mode 600").unwrap();
-    fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
-    nix::unistd::chown(&root.join("secret"), Some(1234.into()), Some(5678.into())).unwrap();
-    fs::write(root.join("setuid"), "suid").unwrap();
-    fs::set_permissions(root.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
-    xattr::set(root.join("plain.txt"), "user.comment", b"a comment").unwrap();
-    xattr::set(root.join("dir"), "user.dirattr", b"\x00\x01binary").unwrap();
-    let acl = Command::new("setfacl")
-        .args(["-m", "u:1234:r"])
-        .arg(root.join("dir/big.bin"))
-        .status()
-        .expect("setfacl (package acl)");
-    assert!(acl.success());
+    every_kind_tree(root, 5_000_000);
     fs::create_dir(root.join("par")).unwrap();
     for i in 0..8 {
         fs::write(root.join(format!("par/f{i}")), par_content(i)).unwrap();
     }
-    set_mtime(&root.join("plain.txt"), 1_600_000_000, 123_456_789);
-    set_mtime(&root.join("link"), 1_500_000_000, 987_654_321);
-}
-
-/// Edits, deletions, a rename, new entries, changed xattrs and modes, a symlink that became a
-/// directory.
-fn change_tree(root: &Path) {
-    fs::write(root.join("plain.txt"), "hello again, tardis\n").unwrap();
-    fs::remove_file(root.join("empty")).unwrap();
-    fs::rename(root.join("dir/deeper"), root.join("moved")).unwrap();
-    fs::write(root.join("new.txt"), "brand new").unwrap();
-    fs::create_dir(root.join("newdir")).unwrap();
-    fs::write(root.join("newdir/inside"), "x".repeat(5000)).unwrap();
-    xattr::set(root.join("plain.txt"), "user.comment", b"changed comment").unwrap();
-    xattr::remove(root.join("dir"), "user.dirattr").unwrap();
-    fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o640)).unwrap();
-    fs::remove_file(root.join("link")).unwrap();
-    fs::create_dir(root.join("link")).unwrap();
 }
 
 fn backup(db: &Path, src: &Path, name: &str) {
@@ -277,7 +218,7 @@ fn two_sets_read_back_through_the_mount_as_they_were() {
     build_tree(&src);
     let m1 = manifest(&src);
     backup(&db, &src, "first");
-    change_tree(&src);
+    change_every_kind(&src);
     let m2 = manifest(&src);
     backup(&db, &src, "second");
 

@@ -183,8 +183,13 @@ pub fn run(
             r.write_to(&nodes[0], &mut stdout.lock())?;
         }
         Some(out) => {
-            for (node, target) in nodes.iter().zip(targets(&args.paths, out)?) {
-                r.restore(node, &target)?;
+            let targets = targets(&args.paths, out)?;
+            for (node, target) in nodes.iter().zip(&targets) {
+                r.restore(node, target)?;
+            }
+            // One sync for the whole restore: when regenerate succeeds, the files are durable.
+            for target in &targets {
+                restore::sync_filesystem(target)?;
             }
             tracing::info!(set = info.name, files = r.stats.files, bytes = r.stats.bytes, "restored");
         }
