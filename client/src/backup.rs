@@ -299,10 +299,22 @@ impl Walker<'_, '_> {
         self.stats.warnings.push(msg);
     }
 
-    /// The base set's entries of directory `dir`, by name.
-    fn base_children(&self, dir: &DirId) -> Result<BTreeMap<Vec<u8>, Node>> {
-        let Some(t) = &self.base else { return Ok(BTreeMap::new()) };
-        Ok(t.children_of(dir)?.into_iter().map(|n| (n.meta.name.to_vec(), n)).collect())
+    /// The base set's entries below `dir`, by name: none unless the base entry is a directory.
+    fn base_children(&self, dir: &DirId, base: Option<&Node>) -> Result<BTreeMap<Vec<u8>, Node>> {
+        match (&self.base, base) {
+            (Some(t), Some(b)) if b.meta.kind == Kind::Dir => {
+                Ok(t.children_of(dir)?.into_iter().map(|n| (n.meta.name.to_vec(), n)).collect())
+            }
+            _ => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Deletes every base entry below `dir` (whose base entry is `base`), recursively.
+    fn delete_children(&mut self, dir: &DirId, base: Option<&Node>) -> Result<()> {
+        for child in self.base_children(dir, base)?.values() {
+            self.delete(dir, child)?;
+        }
+        Ok(())
     }
 
     /// An ancestor of the given paths (or one of them): recorded for its metadata, and only the
@@ -328,10 +340,7 @@ impl Walker<'_, '_> {
             )));
         };
         let dir = self.keys.dir_id(parent, name);
-        let mut base_children = match base {
-            Some(b) if b.meta.kind == Kind::Dir => self.base_children(&dir)?,
-            _ => BTreeMap::new(),
-        };
+        let mut base_children = self.base_children(&dir, base)?;
         for (cname, csel) in &sel.children {
             let cbase = base_children.remove(cname);
             let cpath = path.join(std::ffi::OsStr::from_bytes(cname));
@@ -371,23 +380,15 @@ impl Walker<'_, '_> {
         meta: &FileMeta,
         base: Option<&Node>,
     ) -> Result<()> {
-        if base.is_some_and(|b| b.meta.kind == Kind::Dir) && meta.kind != Kind::Dir {
-            let dir = self.keys.dir_id(parent, name);
-            for child in self.base_children(&dir)?.values() {
-                self.delete(&dir, child)?;
-            }
+        if meta.kind == Kind::Dir {
+            return Ok(());
         }
-        Ok(())
+        self.delete_children(&self.keys.dir_id(parent, name), base)
     }
 
     /// Records the deletion of a base entry and, for a directory, of everything below it.
     fn delete(&mut self, parent: &DirId, node: &Node) -> Result<()> {
-        if node.meta.kind == Kind::Dir {
-            let dir = self.keys.dir_id(parent, &node.meta.name);
-            for child in self.base_children(&dir)?.values() {
-                self.delete(&dir, child)?;
-            }
-        }
+        self.delete_children(&self.keys.dir_id(parent, &node.meta.name), Some(node))?;
         self.stats.deleted += 1;
         self.batch.writes.push(Write::Delete(EntryDeleted { set: self.set, dir: *parent, name: node.version.name }));
         self.maybe_flush()
@@ -439,10 +440,7 @@ impl Walker<'_, '_> {
         dev: u64,
     ) -> Result<()> {
         let dir = self.keys.dir_id(parent, name);
-        let mut base_children = match base {
-            Some(b) if b.meta.kind == Kind::Dir => self.base_children(&dir)?,
-            _ => BTreeMap::new(),
-        };
+        let mut base_children = self.base_children(&dir, base)?;
         // Another file system below a given path is recorded as an empty mount point.
         let descend = self.opts.crossdev || meta.dev == dev;
         if descend {
