@@ -31,6 +31,9 @@ pub enum Error {
     /// An error from the core codecs or the repository behind the `Repository` trait.
     #[error(transparent)]
     Core(#[from] tardis_core::Error),
+    /// Connecting to or logging in at `tardisd`.
+    #[error(transparent)]
+    Net(#[from] tardis_net::Error),
 }
 
 impl Error {

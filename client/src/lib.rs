@@ -5,6 +5,7 @@
 //! - [`exclude`]: which entries a backup leaves out (pattern files, skip files, `CACHEDIR.TAG`).
 //! - [`restore`]: writing entries and their metadata back to disk for `regenerate`.
 //! - [`session`]: creating a host or unwrapping its key with the password.
+//! - [`remote`]: the same against a `tardisd`: connect, log in, unwrap.
 //! - [`backup`]: the walk that turns a tree into one backup set.
 //! - [`cli`]: command-line options shared by all Tardis programs.
 
@@ -13,6 +14,7 @@ pub mod cli;
 mod error;
 pub mod exclude;
 pub mod fsmeta;
+pub mod remote;
 pub mod restore;
 pub mod session;
 

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tardis_client::backup::{self, BackupOptions, BackupStats, Progress};
 use tardis_client::cli::{self, LogArgs, PasswordArgs, RepoArgs};
 use tardis_client::exclude::ExcludeConfig;
-use tardis_client::session::{self, IfMissing};
+use tardis_client::remote::{self, ServerArgs};
+use tardis_client::session::IfMissing;
 
 /// Back up files incrementally into a Tardis repository.
 ///
@@ -21,11 +22,16 @@ use tardis_client::session::{self, IfMissing};
 #[derive(Parser, Debug)]
 #[command(name = "tardis", version, max_term_width = 100)]
 struct Cli {
-    /// Back up into the embedded repository at --db, with no server (required in this version)
+    /// Back up into the embedded repository at --db, with no server
     #[arg(long)]
     local: bool,
     #[command(flatten)]
     repo: RepoArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+    /// With --server: create the host if the server does not have it yet
+    #[arg(long)]
+    create: bool,
     /// Name of the new set [default: the first unused schedule name]
     #[arg(long, value_name = "SET")]
     name: Option<String>,
@@ -59,8 +65,8 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse_from(cli::args());
     cli.log.init();
-    if !cli.local {
-        eprintln!("tardis: --local is required: this version backs up into an embedded repository (see --help)");
+    if !cli.local && cli.server.server.is_none() {
+        eprintln!("tardis: give --local (back up into the embedded repository at --db) or --server HOST (see --help)");
         return ExitCode::from(2);
     }
     match run(&cli) {
@@ -76,8 +82,15 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let password = cli.password.read()?;
     let paths = cli.paths.iter().map(|p| backup::normalize(p)).collect::<Result<Vec<_>, _>>()?;
     let host = cli.repo.host_name()?;
-    let repo = cli.repo.open_local(true)?;
-    let keys = session::open_keys(&repo, &host, password.as_deref(), IfMissing::Create)?;
+    let mut server = cli.server.clone();
+    if cli.local {
+        server.server = None; // --local wins over a TARDIS_SERVER in the environment
+    }
+    // Locally the first backup creates the host; a server needs --create for that, so that a
+    // mistyped --host does not silently start a new host there.
+    let if_missing = if server.server.is_none() || cli.create { IfMissing::Create } else { IfMissing::Fail };
+    let (opened, keys) = remote::open_any(&cli.repo, &server, "tardis", password.as_deref(), if_missing)?;
+    let repo = opened.repo();
     let opts = BackupOptions {
         name: cli.name.clone(),
         priority: cli.priority,
@@ -88,7 +101,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     };
     let show_bar = !cli.json && !cli.log.quiet && std::io::stderr().is_terminal();
     let bar = Bar::new(show_bar);
-    let stats = backup::backup(&repo, &keys, &paths, &opts, &bar)?;
+    let stats = backup::backup(repo, &keys, &paths, &opts, &bar)?;
     bar.finish();
     if cli.json {
         println!("{}", serde_json::to_string(&stats)?);

@@ -9,20 +9,34 @@
 use crate::chunkcodec::EncodedChunk;
 use crate::event::{ChunkStored, EntryDeleted, FileVersion, SetStats};
 use crate::ids::{ChunkId, DirId, HostId, NameKey, SetId};
+use crate::login::Verifier;
 use crate::Result;
+use serde::{Deserialize, Serialize};
 
 /// What a repository knows about its host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostInfo {
     pub host_id: HostId,
     pub name: String,
     pub encrypted: bool,
     /// The latest wrapped master key (encrypted hosts only).
+    #[serde(with = "serde_bytes")]
     pub wrapped_key: Option<Vec<u8>>,
+    /// The login verifier stored with that key (see `login`); `None` for unencrypted hosts
+    /// and for keys wrapped before verifiers existed.
+    pub verifier: Option<Verifier>,
+}
+
+/// A wrapped master key and the login verifier derived from the same password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKey {
+    #[serde(with = "serde_bytes")]
+    pub wrapped: Vec<u8>,
+    pub verifier: Verifier,
 }
 
 /// Where a set is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SetState {
     /// Being written; not shown as a backup.
     Open,
@@ -33,7 +47,7 @@ pub enum SetState {
 }
 
 /// A backup set as listed by `sets`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetInfo {
     pub id: SetId,
     pub name: String,
@@ -55,7 +69,7 @@ impl SetInfo {
 }
 
 /// One stored version of an entry, or the record of its deletion.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryVersion {
     Version(FileVersion),
     Deleted(SetId),
@@ -71,14 +85,15 @@ impl EntryVersion {
 }
 
 /// A chunk as stored: its metadata and body.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredChunk {
     pub meta: ChunkStored,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 
 /// One item of an upload batch.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Write {
     Chunk(EncodedChunk),
     Version(FileVersion),
@@ -90,11 +105,12 @@ pub trait Repository: Send + Sync {
     /// The host, or `None` if it has not been created yet.
     fn host(&self) -> Result<Option<HostInfo>>;
 
-    /// Creates the host. `wrapped_key` is `Some` for an encrypted host.
-    fn create_host(&self, host_id: HostId, encrypted: bool, wrapped_key: Option<Vec<u8>>) -> Result<HostInfo>;
+    /// Creates the host: encrypted with `key`, or unencrypted with `None`.
+    fn create_host(&self, host_id: HostId, key: Option<HostKey>) -> Result<HostInfo>;
 
-    /// Replaces the wrapped master key (password change); data is not rewritten.
-    fn set_wrapped_key(&self, wrapped_key: Vec<u8>) -> Result<()>;
+    /// Replaces the wrapped master key and its verifier (a password change, or adding the
+    /// verifier to a key wrapped without one); data is not rewritten.
+    fn set_wrapped_key(&self, key: HostKey) -> Result<()>;
 
     /// Every set ever opened, oldest first.
     fn sets(&self) -> Result<Vec<SetInfo>>;

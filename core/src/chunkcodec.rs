@@ -18,11 +18,12 @@ pub const ENC_SEALED: u8 = 2;
 pub const ENC_KNOWN: u8 = ENC_ZSTD | ENC_SEALED;
 
 /// A chunk ready to be stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EncodedChunk {
     pub id: ChunkId,
     pub plain_len: u32,
     pub encoding: u8,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 

@@ -48,6 +48,10 @@ pub struct HostCreated {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyWrapped {
     pub blob: ByteBuf,
+    /// The login verifier derived from the same password (`login`); absent in records written
+    /// before format 1.1 added it.
+    #[serde(default)]
+    pub verifier: Option<crate::login::Verifier>,
 }
 
 /// A backup set was started.
@@ -237,7 +241,8 @@ pub mod tests {
             (arb_id::<16>(), ".{0,20}", any::<i64>(), any::<bool>()).prop_map(|(h, name, created, encrypted)| {
                 Event::HostCreated(HostCreated { host_id: HostId(h), name, created, encrypted })
             }),
-            bytes().prop_map(|blob| Event::KeyWrapped(KeyWrapped { blob })),
+            (bytes(), any::<Option<[u8; 32]>>())
+                .prop_map(|(blob, verifier)| Event::KeyWrapped(KeyWrapped { blob, verifier })),
             (any::<u64>(), ".{0,30}", any::<u32>(), any::<i64>(), any::<Option<u64>>()).prop_map(
                 |(set, name, priority, started, base)| Event::SetOpened(SetOpened {
                     set,

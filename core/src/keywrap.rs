@@ -79,38 +79,56 @@ impl std::fmt::Debug for Unwrapped {
     }
 }
 
-impl WrappedKey {
-    /// Wraps `master` under `password` with fresh salt and nonce.
-    pub fn wrap(master: &MasterKey, password: &[u8], params: KdfParams) -> Result<Self> {
-        params.check()?;
-        let mut header = Vec::with_capacity(BLOB_LEN);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&[VERSION, ALG_ARGON2ID_13, 0, 0]);
-        header.extend_from_slice(&params.m_kib.to_le_bytes());
-        header.extend_from_slice(&params.t.to_le_bytes());
-        header.extend_from_slice(&params.p.to_le_bytes());
-        let mut salt = [0u8; 16];
-        random_bytes(&mut salt)?;
-        header.extend_from_slice(&salt);
-        debug_assert_eq!(header.len(), HEADER_LEN);
+/// The public part of a wrapped key: format, Argon2id parameters and salt. The server hands
+/// it out before login, so a client can derive its login key; the sealed master key itself
+/// is only sent after the login succeeded (no offline guessing from the blob without logging in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KdfHeader {
+    bytes: [u8; HEADER_LEN],
+}
 
-        let mut derived = derive(password, &salt, params)?;
-        let cipher = Aes256GcmSiv::new_from_slice(&derived[..32]).map_err(|_| Error::Invalid("kek length".into()))?;
-        derived.zeroize();
-        let mut nonce = [0u8; 12];
-        random_bytes(&mut nonce)?;
-        let ct = cipher
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: master.as_bytes(), aad: &header })
-            .map_err(|_| Error::Invalid("key wrap failed".into()))?;
-        let mut bytes = header;
-        bytes.extend_from_slice(&nonce);
-        bytes.extend_from_slice(&ct);
-        Ok(WrappedKey { bytes })
+/// What Argon2id derives from a password: the key-encryption key and the login secret. Zeroed
+/// on drop and never printed.
+#[derive(zeroize::ZeroizeOnDrop)]
+pub struct Secrets {
+    kek: [u8; 32],
+    login_secret: [u8; 32],
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets(..)")
+    }
+}
+
+impl Secrets {
+    /// The secret that the login key is made from (see `login`).
+    pub fn login_secret(&self) -> &[u8; 32] {
+        &self.login_secret
+    }
+}
+
+impl KdfHeader {
+    /// Length of the header in bytes.
+    pub const LEN: usize = HEADER_LEN;
+
+    /// A header with `params` and a fresh random salt.
+    pub fn new(params: KdfParams) -> Result<Self> {
+        params.check()?;
+        let mut bytes = [0u8; HEADER_LEN];
+        bytes[..4].copy_from_slice(MAGIC);
+        bytes[4..8].copy_from_slice(&[VERSION, ALG_ARGON2ID_13, 0, 0]);
+        bytes[8..12].copy_from_slice(&params.m_kib.to_le_bytes());
+        bytes[12..16].copy_from_slice(&params.t.to_le_bytes());
+        bytes[16..20].copy_from_slice(&params.p.to_le_bytes());
+        random_bytes(&mut bytes[20..36])?;
+        Ok(KdfHeader { bytes })
     }
 
-    /// Parses a stored blob, checking its layout and parameters.
+    /// Parses a header (or the start of a whole blob), checking magic, version, algorithm and
+    /// that the parameters lie between the floor and the ceiling.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        if bytes.len() != BLOB_LEN {
+        if bytes.len() < HEADER_LEN {
             return Err(Error::malformed("wrapped key", format!("length {} (expected {BLOB_LEN})", bytes.len())));
         }
         if &bytes[..4] != MAGIC {
@@ -126,9 +144,9 @@ impl WrappedKey {
         if bytes[5] != ALG_ARGON2ID_13 {
             return Err(Error::malformed("wrapped key", format!("unknown algorithm {}", bytes[5])));
         }
-        let w = WrappedKey { bytes: bytes.to_vec() };
-        w.params().check()?;
-        Ok(w)
+        let h = KdfHeader { bytes: bytes[..HEADER_LEN].try_into().expect("length checked above") };
+        h.params().check()?;
+        Ok(h)
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -140,16 +158,69 @@ impl WrappedKey {
         KdfParams { m_kib: u(8), t: u(12), p: u(16) }
     }
 
-    /// Recovers the master key; a wrong password (or any altered byte) is `WrongPassword`.
-    pub fn unwrap_key(&self, password: &[u8]) -> Result<Unwrapped> {
+    /// Runs Argon2id over `password` with this header's salt and parameters.
+    pub fn derive(&self, password: &[u8]) -> Result<Secrets> {
         let params = self.params();
         params.check()?;
-        let salt = &self.bytes[20..36];
-        let mut derived = derive(password, salt, params)?;
-        let cipher = Aes256GcmSiv::new_from_slice(&derived[..32]).map_err(|_| Error::Invalid("kek length".into()))?;
-        let mut login_secret = [0u8; 32];
-        login_secret.copy_from_slice(&derived[32..]);
+        let mut derived = derive(password, &self.bytes[20..36], params)?;
+        let mut s = Secrets { kek: [0; 32], login_secret: [0; 32] };
+        s.kek.copy_from_slice(&derived[..32]);
+        s.login_secret.copy_from_slice(&derived[32..]);
         derived.zeroize();
+        Ok(s)
+    }
+}
+
+impl WrappedKey {
+    /// Wraps `master` under `password` with fresh salt and nonce.
+    pub fn wrap(master: &MasterKey, password: &[u8], params: KdfParams) -> Result<Self> {
+        let header = KdfHeader::new(params)?;
+        let secrets = header.derive(password)?;
+        Self::seal(master, &header, &secrets)
+    }
+
+    /// Wraps `master` with secrets already derived from `header` (one Argon2id run serves both
+    /// the wrapped key and the login verifier of a new host).
+    pub fn seal(master: &MasterKey, header: &KdfHeader, secrets: &Secrets) -> Result<Self> {
+        let cipher = Aes256GcmSiv::new_from_slice(&secrets.kek).map_err(|_| Error::Invalid("kek length".into()))?;
+        let mut nonce = [0u8; 12];
+        random_bytes(&mut nonce)?;
+        let ct = cipher
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: master.as_bytes(), aad: header.as_bytes() })
+            .map_err(|_| Error::Invalid("key wrap failed".into()))?;
+        let mut bytes = Vec::with_capacity(BLOB_LEN);
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&nonce);
+        bytes.extend_from_slice(&ct);
+        Ok(WrappedKey { bytes })
+    }
+
+    /// Parses a stored blob, checking its layout and parameters.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() != BLOB_LEN {
+            return Err(Error::malformed("wrapped key", format!("length {} (expected {BLOB_LEN})", bytes.len())));
+        }
+        KdfHeader::from_bytes(bytes)?;
+        Ok(WrappedKey { bytes: bytes.to_vec() })
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The public header: format, parameters and salt.
+    pub fn header(&self) -> KdfHeader {
+        KdfHeader { bytes: self.bytes[..HEADER_LEN].try_into().expect("blob length checked when parsed") }
+    }
+
+    pub fn params(&self) -> KdfParams {
+        self.header().params()
+    }
+
+    /// Recovers the master key with secrets derived from this blob's header; secrets of
+    /// another password (or any altered byte) give `WrongPassword`.
+    pub fn open(&self, secrets: &Secrets) -> Result<MasterKey> {
+        let cipher = Aes256GcmSiv::new_from_slice(&secrets.kek).map_err(|_| Error::Invalid("kek length".into()))?;
         let nonce = &self.bytes[HEADER_LEN..HEADER_LEN + 12];
         let mut plain = cipher
             .decrypt(
@@ -160,7 +231,14 @@ impl WrappedKey {
         let mut key = [0u8; 32];
         key.copy_from_slice(&plain);
         plain.zeroize();
-        Ok(Unwrapped { master: MasterKey(key), login_secret })
+        Ok(MasterKey(key))
+    }
+
+    /// Recovers the master key; a wrong password (or any altered byte) is `WrongPassword`.
+    pub fn unwrap_key(&self, password: &[u8]) -> Result<Unwrapped> {
+        let secrets = self.header().derive(password)?;
+        let master = self.open(&secrets)?;
+        Ok(Unwrapped { master, login_secret: secrets.login_secret })
     }
 }
 

@@ -3,6 +3,7 @@
 //! - [`chunk`]: content-defined chunking (FastCDC) of file data.
 //! - [`crypto`]: the per-host key hierarchy, keyed BLAKE3 identifiers and AES-256-GCM-SIV sealing.
 //! - [`keywrap`]: Argon2id wrapping of the random master key with the user's password.
+//! - [`login`]: the Ed25519 login key derived from the password, and the verifier a server keeps.
 //! - [`compress`]: zstd with a stored-uncompressed fallback.
 //! - [`chunkcodec`]: the whole chunk pipeline (compress, seal, self-check) and its inverse.
 //! - [`event`]: the immutable events that make up a host's repository log.
@@ -21,6 +22,7 @@ mod error;
 pub mod event;
 pub mod ids;
 pub mod keywrap;
+pub mod login;
 pub mod meta;
 pub mod view;
 

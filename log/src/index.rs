@@ -23,6 +23,7 @@ use std::sync::RwLock;
 use tardis_core::api::{EntryVersion, SetInfo, SetState};
 use tardis_core::event::{Event, FileVersion, HostCreated, SetStats};
 use tardis_core::ids::{ChunkId, DirId, NameKey, SetId};
+use tardis_core::login::Verifier;
 
 const CF_META: &str = "meta";
 const CF_CHUNKS: &str = "chunks";
@@ -35,6 +36,7 @@ const KEY_APPLIED: &[u8] = b"applied";
 const KEY_FORMAT: &[u8] = b"format";
 const KEY_HOST: &[u8] = b"host";
 const KEY_WRAPPED: &[u8] = b"wrapped-key";
+const KEY_VERIFIER: &[u8] = b"login-verifier";
 
 /// Version of the index layout. An index of an older version is rebuilt from the log; one of a
 /// newer version is refused (and kept) so that the build that wrote it can still use it.
@@ -218,7 +220,14 @@ impl Index {
                 Event::HostCreated(h) => {
                     wb.put_cf(self.cf(CF_META), KEY_HOST, rmp_serde::to_vec(h).expect("host record encodes"))
                 }
-                Event::KeyWrapped(k) => wb.put_cf(self.cf(CF_META), KEY_WRAPPED, &k.blob),
+                Event::KeyWrapped(k) => {
+                    // The latest key wins, and its verifier with it (or none, for old records).
+                    wb.put_cf(self.cf(CF_META), KEY_WRAPPED, &k.blob);
+                    match &k.verifier {
+                        Some(v) => wb.put_cf(self.cf(CF_META), KEY_VERIFIER, v),
+                        None => wb.delete_cf(self.cf(CF_META), KEY_VERIFIER),
+                    }
+                }
                 Event::SetOpened(o) => {
                     sets.insert(
                         o.set,
@@ -299,6 +308,12 @@ impl Index {
     /// The latest wrapped master key.
     pub fn wrapped_key(&self) -> Result<Option<Vec<u8>>> {
         self.db.get_cf(self.cf(CF_META), KEY_WRAPPED).map_err(Error::index("reading wrapped key"))
+    }
+
+    /// The login verifier stored with the latest wrapped key.
+    pub fn verifier(&self) -> Result<Option<Verifier>> {
+        let v = self.db.get_cf(self.cf(CF_META), KEY_VERIFIER).map_err(Error::index("reading login verifier"))?;
+        v.map(|v| Verifier::try_from(v.as_slice()).map_err(|_| bad_value("login verifier", v.len()))).transpose()
     }
 
     /// Where a chunk is stored.

@@ -16,12 +16,13 @@ use std::io::{Read, Seek, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tardis_core::api::{EntryVersion, HostInfo, Repository, SetInfo, SetState, StoredChunk, Write};
+use tardis_core::api::{EntryVersion, HostInfo, HostKey, Repository, SetInfo, SetState, StoredChunk, Write};
 use tardis_core::chunk::MAX_CHUNK;
 use tardis_core::event::{
     self, ChunkStored, Event, FileVersion, HostCreated, KeyWrapped, SetCompleted, SetOpened, SetStats,
 };
 use tardis_core::ids::{ChunkId, DirId, HostId, NameKey, SetId};
+use tardis_core::keywrap::WrappedKey;
 
 /// How to open a repository.
 #[derive(Debug, Clone, Default)]
@@ -164,6 +165,12 @@ pub fn check_host_name(host: &str) -> Result<()> {
         "invalid host name {host:?}: {problem} (a host name is 1 to 255 bytes, contains no '/' or NUL, \
          and does not start with '.')"
     )))
+}
+
+/// The event for a new wrapped key, after checking that the blob is one.
+fn key_wrapped(key: &HostKey) -> Result<KeyWrapped> {
+    WrappedKey::from_bytes(&key.wrapped).map_err(|e| Error::Refused(format!("the wrapped key is not valid: {e}")))?;
+    Ok(KeyWrapped { blob: serde_bytes::ByteBuf::from(key.wrapped.clone()), verifier: Some(key.verifier) })
 }
 
 fn now_nanos() -> i64 {
@@ -634,38 +641,38 @@ impl Repository for Repo {
             name: h.name,
             encrypted: h.encrypted,
             wrapped_key: self.index.wrapped_key()?,
+            verifier: self.index.verifier()?,
         }))
     }
 
-    fn create_host(
-        &self,
-        host_id: HostId,
-        encrypted: bool,
-        wrapped_key: Option<Vec<u8>>,
-    ) -> tardis_core::Result<HostInfo> {
+    fn create_host(&self, host_id: HostId, key: Option<HostKey>) -> tardis_core::Result<HostInfo> {
         let mut log = self.writer();
         if self.index.host()?.is_some() {
             return Err(Error::Refused(format!("host {} already exists", self.host)).into());
         }
-        if encrypted != wrapped_key.is_some() {
-            return Err(Error::Refused("an encrypted host needs a wrapped key, an unencrypted one none".into()).into());
-        }
+        let encrypted = key.is_some();
         let created = HostCreated { host_id, name: self.host.clone(), created: now_nanos(), encrypted };
         let mut events = vec![(Event::HostCreated(created), Vec::new())];
-        if let Some(k) = &wrapped_key {
-            events.push((Event::KeyWrapped(KeyWrapped { blob: serde_bytes::ByteBuf::from(k.clone()) }), Vec::new()));
+        if let Some(k) = &key {
+            events.push((Event::KeyWrapped(key_wrapped(k)?), Vec::new()));
         }
         self.commit(&mut log, events)?;
-        Ok(HostInfo { host_id, name: self.host.clone(), encrypted, wrapped_key })
+        Ok(HostInfo {
+            host_id,
+            name: self.host.clone(),
+            encrypted,
+            wrapped_key: key.as_ref().map(|k| k.wrapped.clone()),
+            verifier: key.map(|k| k.verifier),
+        })
     }
 
-    fn set_wrapped_key(&self, wrapped_key: Vec<u8>) -> tardis_core::Result<()> {
+    fn set_wrapped_key(&self, key: HostKey) -> tardis_core::Result<()> {
         let mut log = self.writer();
         let host = self.require_host()?;
         if !host.encrypted {
             return Err(Error::Refused(format!("host {} is not encrypted", self.host)).into());
         }
-        let e = Event::KeyWrapped(KeyWrapped { blob: serde_bytes::ByteBuf::from(wrapped_key) });
+        let e = Event::KeyWrapped(key_wrapped(&key)?);
         Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
     }
 
@@ -733,7 +740,7 @@ mod tests {
     fn rebuild_index_holds_one_lock_from_deleting_the_index_to_reopening() {
         let base = tempfile::tempdir().unwrap();
         let repo = Repo::open(base.path(), "h", RepoOptions::default()).unwrap();
-        repo.create_host(HostId([1; 16]), false, None).unwrap();
+        repo.create_host(HostId([1; 16]), None).unwrap();
         let set = repo.open_set("s", 1).unwrap();
         repo.complete_set(set, SetStats::default()).unwrap();
         let before = repo.index().dump().unwrap();
@@ -764,7 +771,7 @@ mod tests {
     fn check_index_compares_with_a_scratch_rebuild_and_removes_it() {
         let base = tempfile::tempdir().unwrap();
         let repo = Repo::open(base.path(), "h", RepoOptions::default()).unwrap();
-        repo.create_host(HostId([1; 16]), false, None).unwrap();
+        repo.create_host(HostId([1; 16]), None).unwrap();
         let set = repo.open_set("s", 1).unwrap();
         let id = ChunkId([7; 32]);
         let chunk = tardis_core::chunkcodec::EncodedChunk { id, plain_len: 3, encoding: 0, body: b"abc".to_vec() };
@@ -840,7 +847,7 @@ mod tests {
         let storage = Arc::new(FailingReads { inner, fail: false.into() });
         let opts = RepoOptions { storage: Some(storage.clone()), ..RepoOptions::default() };
         let repo = Repo::open(base.path(), "h", opts).unwrap();
-        repo.create_host(HostId([1; 16]), false, None).unwrap();
+        repo.create_host(HostId([1; 16]), None).unwrap();
         let set = repo.open_set("s", 1).unwrap();
         repo.complete_set(set, SetStats::default()).unwrap();
 

@@ -5,12 +5,13 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use tardis_core::api::{Repository, SetState, Write};
+use tardis_core::api::{HostKey, Repository, SetState, Write};
 use tardis_core::chunkcodec;
 use tardis_core::crypto::{Keys, MasterKey};
 use tardis_core::event::{EntryDeleted, Extent, FileVersion, SetStats};
 use tardis_core::ids::{DirId, HostId, SetId};
-use tardis_core::keywrap::{KdfParams, WrappedKey};
+use tardis_core::keywrap::{KdfHeader, KdfParams, WrappedKey};
+use tardis_core::login::LoginKey;
 use tardis_core::meta::{FileMeta, Kind};
 use tardis_core::view::{self, Tree};
 use tardis_log::fault::{CrashMode, FaultStorage};
@@ -96,8 +97,11 @@ fn read_set(repo: &Repo, keys: &Keys, set: SetId) -> BTreeMap<String, Vec<u8>> {
 
 fn create_host(repo: &Repo, keys: &Keys, password: &[u8]) {
     let master = MasterKey::generate().unwrap();
-    let w = WrappedKey::wrap(&master, password, KdfParams::FLOOR).unwrap();
-    repo.create_host(keys.host(), true, Some(w.as_bytes().to_vec())).unwrap();
+    let header = KdfHeader::new(KdfParams::FLOOR).unwrap();
+    let secrets = header.derive(password).unwrap();
+    let wrapped = WrappedKey::seal(&master, &header, &secrets).unwrap().as_bytes().to_vec();
+    let verifier = LoginKey::from_secrets(&secrets).unwrap().verifier();
+    repo.create_host(keys.host(), Some(HostKey { wrapped, verifier })).unwrap();
 }
 
 fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
@@ -259,7 +263,7 @@ fn crash_at_every_storage_operation() {
         let dir = tempfile::tempdir().unwrap();
         let (opts, fault) = fault_opts(dir.path(), None);
         let repo = Repo::open(dir.path(), HOST, opts).unwrap();
-        repo.create_host(keys.host(), false, None).unwrap();
+        repo.create_host(keys.host(), None).unwrap();
         workload(&repo, &keys, 6).unwrap();
         fault.ops()
     };
@@ -275,7 +279,7 @@ fn crash_at_every_storage_operation() {
                 Ok(r) => r,
                 Err(_) => continue,
             };
-            if repo.create_host(keys.host(), false, None).is_err() {
+            if repo.create_host(keys.host(), None).is_err() {
                 Vec::new()
             } else {
                 let mut acked = Vec::new();
@@ -317,7 +321,7 @@ fn crash_at_every_storage_operation() {
         }
         // The next backup works on the recovered repository.
         if repo.host().unwrap().is_none() {
-            repo.create_host(keys.host(), false, None).unwrap();
+            repo.create_host(keys.host(), None).unwrap();
         }
         let s = repo.open_set("after-crash", 1).unwrap();
         repo.complete_set(s, SetStats::default()).unwrap();
@@ -341,7 +345,7 @@ fn workload_expectation(keys: &Keys) -> Vec<Files> {
             .get_or_insert_with(|| {
                 let dir = tempfile::tempdir().unwrap();
                 let repo = Repo::open(dir.path(), HOST, RepoOptions::default()).unwrap();
-                repo.create_host(keys.host(), false, None).unwrap();
+                repo.create_host(keys.host(), None).unwrap();
                 workload(&repo, keys, 6).unwrap().into_iter().map(|(_, f)| f).collect()
             })
             .clone()
@@ -361,7 +365,7 @@ fn torn_tail_is_trimmed_quarantined_and_reported() {
     for variant in 0..4 {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repo::open(dir.path(), HOST, RepoOptions::default()).unwrap();
-        repo.create_host(keys.host(), false, None).unwrap();
+        repo.create_host(keys.host(), None).unwrap();
         let sets = workload(&repo, &keys, 3).unwrap();
         drop(repo);
         let seg = segment_files(dir.path()).pop().unwrap();
@@ -397,7 +401,7 @@ fn truncating_the_last_batch_at_any_offset_returns_to_the_previous_commit() {
     let keys = Keys::unencrypted(HostId([5; 16]));
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::open(dir.path(), HOST, RepoOptions::default()).unwrap();
-    repo.create_host(keys.host(), false, None).unwrap();
+    repo.create_host(keys.host(), None).unwrap();
     let sets = workload(&repo, &keys, 2).unwrap();
     let committed = repo.log_end();
     let s = repo.open_set("last", 1).unwrap();
@@ -441,7 +445,7 @@ fn flipped_byte_mid_log_is_reported_with_segment_and_offset_never_trimmed() {
     let keys = Keys::unencrypted(HostId([5; 16]));
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::open(dir.path(), HOST, RepoOptions::default()).unwrap();
-    repo.create_host(keys.host(), false, None).unwrap();
+    repo.create_host(keys.host(), None).unwrap();
     let sets = workload(&repo, &keys, 3).unwrap();
     // Find a chunk of the first set and flip a byte inside its stored body.
     let tree = Tree::new(&repo, &keys, sets[0].0);
@@ -548,7 +552,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let keys = Keys::unencrypted(HostId([9; 16]));
         let mut repo = Repo::open(dir.path(), HOST, small_segments()).unwrap();
-        repo.create_host(keys.host(), false, None).unwrap();
+        repo.create_host(keys.host(), None).unwrap();
         let mut committed: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let mut pending = committed.clone();
         let mut open: Option<SetId> = None;
@@ -648,7 +652,7 @@ fn a_missing_middle_segment_is_a_sequence_break_and_the_other_sets_still_read() 
     let keys = Keys::unencrypted(HostId([6; 16]));
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
-    repo.create_host(keys.host(), false, None).unwrap();
+    repo.create_host(keys.host(), None).unwrap();
     let sets = independent_sets(&repo, &keys, "set", 7);
     let last = repo.log_end().segment;
     assert!(repo.scan_log().unwrap().is_empty());
@@ -702,7 +706,7 @@ fn a_missing_segment_after_the_index_position_is_reported_when_opening() {
     let keys = Keys::unencrypted(HostId([6; 16]));
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
-    repo.create_host(keys.host(), false, None).unwrap();
+    repo.create_host(keys.host(), None).unwrap();
     let early = independent_sets(&repo, &keys, "early", 2);
     let hint = repo.log_end();
     drop(repo);
@@ -732,7 +736,7 @@ fn damaged_or_newer_segment_headers_mid_log_are_listed_as_damage() {
     let keys = Keys::unencrypted(HostId([6; 16]));
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::open(dir.path(), HOST, tiny_segments()).unwrap();
-    repo.create_host(keys.host(), false, None).unwrap();
+    repo.create_host(keys.host(), None).unwrap();
     let sets = independent_sets(&repo, &keys, "set", 7);
     let last = repo.log_end().segment;
     drop(repo);
@@ -807,7 +811,7 @@ fn a_newer_index_is_refused_and_kept_an_older_one_is_rebuilt() {
     let keys = Keys::unencrypted(HostId([6; 16]));
     let dir = tempfile::tempdir().unwrap();
     let repo = Repo::open(dir.path(), HOST, RepoOptions::default()).unwrap();
-    repo.create_host(keys.host(), false, None).unwrap();
+    repo.create_host(keys.host(), None).unwrap();
     let sets = workload(&repo, &keys, 2).unwrap();
     let dump = repo.index().dump().unwrap();
     drop(repo);

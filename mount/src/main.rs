@@ -5,9 +5,9 @@ use clap::Parser;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use tardis_client::cli::{self, LogArgs, PasswordArgs, RepoArgs};
-use tardis_client::session::{self, IfMissing};
+use tardis_client::remote::{self, ServerArgs};
+use tardis_client::session::IfMissing;
 use tardis_mount::options::{MountOptions, PasswordOption};
 use tardis_mount::{daemon, Error, FsConfig, MountConfig, Signals, TardisFs};
 
@@ -17,6 +17,9 @@ use tardis_mount::{daemon, Error, FsConfig, MountConfig, Signals, TardisFs};
 /// backed-up tree as it was (`ls MOUNTPOINT/Daily-2026-11-26/home/ann`), a `Current` symlink to
 /// the latest set, and `.versions/PATH/`, which lists every distinct version of PATH under the
 /// name of the set that first holds it. Writes fail with EROFS.
+///
+/// With --server HOST, the backups of host= are read from that tardisd over QUIC instead of
+/// from database=.
 ///
 /// Without -f, tardisfs returns once the mount is up and keeps serving it in the background.
 /// Unmount with `fusermount3 -u MOUNTPOINT` or `umount MOUNTPOINT` (or SIGTERM/SIGINT to the
@@ -37,6 +40,8 @@ struct Cli {
     foreground: bool,
     #[command(flatten)]
     repo: RepoArgs,
+    #[command(flatten)]
+    server: ServerArgs,
     #[command(flatten)]
     password: PasswordArgs,
     #[command(flatten)]
@@ -118,12 +123,14 @@ fn mount(
     // The background child leaves the working directory once mounted.
     repo_args.db = Some(absolute(&repo_args.db_dir())?);
     let host = repo_args.host_name()?;
-    let repo = repo_args.open_local(false)?;
-    signals.check()?;
-    let keys = session::open_keys(&repo, &host, password.as_deref(), IfMissing::Fail)?;
+    let mut server = cli.server.clone();
+    if let Some(f) = &server.known_hosts {
+        server.known_hosts = Some(absolute(f)?);
+    }
+    let (repo, keys) = remote::open_any(&repo_args, &server, "tardisfs", password.as_deref(), IfMissing::Fail)?;
     signals.check()?;
     let fs_config = FsConfig { cache_bytes: opts.cache_mib.unwrap_or(64) << 20, ..FsConfig::default() };
-    let fs = TardisFs::new(Arc::new(repo), keys, fs_config).context("reading the sets")?;
+    let fs = TardisFs::new(repo.into_arc(), keys, fs_config).context("reading the sets")?;
     let config = MountConfig {
         mountpoint,
         fsname: format!("tardis:{host}"),

@@ -1,8 +1,19 @@
 //! The Tardis wire protocol and its QUIC transport.
 //!
-//! This crate will hold, in order of dependency: `proto` — the message types, their codec with
-//! size limits checked before allocating, and the version handshake, free of any I/O; and a thin
-//! layer over quinn and rustls (TLS 1.3) that carries those messages, with certificate pinning
-//! on first use. Remote clients implement `tardis_core::api::Repository` on top of it, so the
-//! backup, restore and mount code is the same for local and remote repositories.
-//! See `docs/PROTOCOL.md` once the protocol lands.
+//! - [`proto`]: message types, framing with size limits checked before allocating, and the
+//!   version range; no I/O, so it can be tested and fuzzed alone.
+//! - [`tls`]: the server's certificate (self-signed on first start) and the client's trust
+//!   in it: pinned on first use in a known-hosts file, or checked against a CA.
+//! - [`transport`]: quinn endpoint settings and frame I/O on QUIC streams.
+//! - [`client`]: connecting, logging in, and [`client::RemoteRepo`], the network
+//!   implementation of `tardis_core::api::Repository`.
+//!
+//! `docs/PROTOCOL.md` specifies the protocol.
+
+pub mod client;
+mod error;
+pub mod proto;
+pub mod tls;
+pub mod transport;
+
+pub use error::{Error, Result};

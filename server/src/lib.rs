@@ -1,6 +1,16 @@
 //! `tardisd`, the repository daemon.
 //!
-//! It will serve many hosts' repositories (one `tardis_log::Repo` per host under `BaseDir`) over
-//! the QUIC protocol of `tardis-net`, authenticate each host against a stored verifier, and run
-//! the scheduled purge and compaction jobs. Today the same repository is reachable in-process
-//! with `tardis --local`.
+//! - [`config`]: `tardisd.cfg`, merged with the environment and the command line.
+//! - [`service`]: the hosts' repositories (one `tardis_log::Repo` per host under `BaseDir`),
+//!   login checks against each host's stored verifier, and the lease that allows one running
+//!   backup per host; no networking, so it is tested directly.
+//! - [`listener`]: the QUIC side: hello, login, and one task per request stream.
+//! - [`daemon`]: starting (foreground or detached, pidfile) and stopping on a signal.
+
+pub mod config;
+pub mod daemon;
+mod error;
+pub mod listener;
+pub mod service;
+
+pub use error::{Error, Result};

@@ -7,7 +7,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tardis_client::cli::{self, LogArgs, PasswordArgs, RepoArgs};
-use tardis_client::session::{self, IfMissing};
+use tardis_client::remote::{self, Opened, ServerArgs};
+use tardis_client::session::IfMissing;
 use tardis_core::view::Tree;
 use tardis_log::{Repo, RepoOptions};
 use tardis_tools::regenerate::RegenerateArgs;
@@ -16,14 +17,17 @@ use tardis_tools::{diff, listing, regenerate, select, verify};
 
 /// Restore, inspect, compare and maintain Tardis backups.
 ///
-/// Works on the embedded repository at --db (the one `tardis --local` writes). Arguments can be
-/// read from files: @FILE. Exit status: 0 success, 1 failure (for verify: damage found), 2 usage
+/// Works on the embedded repository at --db (the one `tardis --local` writes), or with
+/// --server on a host's repository on a tardisd (sets, ls, regenerate, diff; verify and
+/// rebuild-index run where the repository is). Arguments can be read from files: @FILE. Exit status: 0 success, 1 failure (for verify: damage found), 2 usage
 /// error, 3 verify found no damage but some reads succeeded only when retried.
 #[derive(Parser, Debug)]
 #[command(name = "tardis-tools", version, max_term_width = 100)]
 struct Cli {
     #[command(flatten)]
     repo: RepoArgs,
+    #[command(flatten)]
+    server: ServerArgs,
     #[command(flatten)]
     password: PasswordArgs,
     #[command(flatten)]
@@ -117,6 +121,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    if let (Some(server), Command::Verify { .. } | Command::RebuildIndex) = (&cli.server.server, &cli.command) {
+        bail!(
+            "verify and rebuild-index read the segments directly: run them on {server} with --db pointing at its \
+             BaseDir (and tardisd stopped for rebuild-index)"
+        );
+    }
     if let Command::RebuildIndex = cli.command {
         let db = cli.repo.db_dir();
         let host = cli.repo.host_name()?;
@@ -137,33 +147,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let password = cli.password.read()?;
-    let host = cli.repo.host_name()?;
-    let repo = cli.repo.open_local(false)?;
-    let keys = session::open_keys(&repo, &host, password.as_deref(), IfMissing::Fail)?;
+    let (opened, keys) =
+        remote::open_any(&cli.repo, &cli.server, "tardis-tools", password.as_deref(), IfMissing::Fail)?;
+    let repo = opened.repo();
     let progress = !cli.log.quiet && std::io::stderr().is_terminal();
     let done = match cli.command {
         Command::Verify { read_data, set, json } => {
             let opts = VerifyOptions { read_data, set, json, progress: progress && !json };
-            return Ok(match verify::verify(&repo, &keys, &opts)? {
+            let Opened::Local(repo) = &opened else { unreachable!("refused above for --server") };
+            return Ok(match verify::verify(repo.as_ref(), &keys, &opts)? {
                 Verdict::Clean => ExitCode::SUCCESS,
                 Verdict::Damage => ExitCode::from(1),
                 Verdict::Transient => ExitCode::from(3),
             });
         }
-        Command::Sets { json } => listing::sets(&repo, json),
+        Command::Sets { json } => listing::sets(repo, json),
         Command::Ls { set, versions, path } => {
             if versions {
-                listing::versions(&repo, &keys, path.as_os_str().as_bytes())
+                listing::versions(repo, &keys, path.as_os_str().as_bytes())
             } else {
-                let info = select::pick(&repo, set.as_deref(), None)?;
-                listing::ls(&Tree::new(&repo, &keys, info.id), path.as_os_str().as_bytes())
+                let info = select::pick(repo, set.as_deref(), None)?;
+                listing::ls(&Tree::new(repo, &keys, info.id), path.as_os_str().as_bytes())
             }
         }
-        Command::Regenerate(args) => regenerate::run(&repo, &keys, &args),
+        Command::Regenerate(args) => regenerate::run(repo, &keys, &args),
         Command::Diff { set1, set2, path } => {
-            let a = select::pick(&repo, Some(&set1), None)?;
-            let b = select::pick(&repo, Some(&set2), None)?;
-            let (ta, tb) = (Tree::new(&repo, &keys, a.id), Tree::new(&repo, &keys, b.id));
+            let a = select::pick(repo, Some(&set1), None)?;
+            let b = select::pick(repo, Some(&set2), None)?;
+            let (ta, tb) = (Tree::new(repo, &keys, a.id), Tree::new(repo, &keys, b.id));
             for c in diff::diff(&ta, &tb, path.as_os_str().as_bytes())? {
                 let (tag, p) = match c {
                     diff::Change::Added(p) => ('+', p),

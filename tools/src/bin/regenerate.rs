@@ -3,7 +3,8 @@
 use clap::Parser;
 use std::process::ExitCode;
 use tardis_client::cli::{self, LogArgs, PasswordArgs, RepoArgs};
-use tardis_client::session::{self, IfMissing};
+use tardis_client::remote::{self, ServerArgs};
+use tardis_client::session::IfMissing;
 use tardis_tools::regenerate::{self, RegenerateArgs};
 
 /// Restore files or trees from a Tardis backup set, bit-exact with their metadata.
@@ -15,6 +16,8 @@ use tardis_tools::regenerate::{self, RegenerateArgs};
 struct Cli {
     #[command(flatten)]
     repo: RepoArgs,
+    #[command(flatten)]
+    server: ServerArgs,
     #[command(flatten)]
     password: PasswordArgs,
     #[command(flatten)]
@@ -28,10 +31,9 @@ fn main() -> ExitCode {
     cli.log.init();
     let result = (|| -> anyhow::Result<()> {
         let password = cli.password.read()?;
-        let host = cli.repo.host_name()?;
-        let repo = cli.repo.open_local(false)?;
-        let keys = session::open_keys(&repo, &host, password.as_deref(), IfMissing::Fail)?;
-        regenerate::run(&repo, &keys, &cli.args)
+        let (opened, keys) =
+            remote::open_any(&cli.repo, &cli.server, "regenerate", password.as_deref(), IfMissing::Fail)?;
+        regenerate::run(opened.repo(), &keys, &cli.args)
     })();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,115 @@
+//! The QUIC layer: endpoint and transport settings, and reading and writing frames on quinn
+//! streams. Everything protocol-specific is in `proto`; this module only moves its frames.
+
+use crate::error::{Error, Result};
+use crate::proto::{self, HEADER_LEN};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use serde::{de::DeserializeOwned, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+use tardis_core::login::BINDING_LEN;
+
+/// How long a connection may be silent before it is considered dead. Keep-alives every
+/// [`KEEP_ALIVE`] keep a healthy idle connection open; a link that is down this long makes
+/// both ends drop the connection (the client then reconnects with backoff).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(4);
+
+/// Most streams a client may have open at once on one connection (the server's memory bound
+/// is this times [`proto::MAX_FRAME`] per connection, and a global budget on top).
+pub const MAX_STREAMS: u32 = 16;
+
+/// Application close code: the server is stopping (clients retry).
+pub const CLOSE_SHUTDOWN: u32 = 1;
+/// Application close code: a protocol violation or a failed login.
+pub const CLOSE_PROTOCOL: u32 = 2;
+/// Application close code: the client is done.
+pub const CLOSE_DONE: u32 = 0;
+
+/// Label of the TLS exporter value that logins sign (RFC 5705 / RFC 8446 section 7.5).
+const BINDING_LABEL: &[u8] = b"EXPORTER-tardis-login-v1";
+
+/// Transport settings for both ends, tuned for lossy, high-latency links (see
+/// `docs/PROTOCOL.md`): BBR congestion control, which does not read every lost packet as
+/// congestion the way NewReno and CUBIC do; flow-control windows large enough for a
+/// 100 ms round trip at 100 Mbit/s; keep-alives well inside the idle timeout.
+pub fn transport_config() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    t.max_idle_timeout(Some(IdleTimeout::try_from(IDLE_TIMEOUT).expect("20 s is a valid idle timeout")));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.stream_receive_window(VarInt::from_u32(4 << 20));
+    t.receive_window(VarInt::from_u32(16 << 20));
+    t.send_window(16 << 20);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t
+}
+
+/// The value a login proof is bound to: exported from this connection's TLS session, so it
+/// differs in every session and on each side of a machine in the middle.
+pub fn binding(conn: &quinn::Connection) -> Result<[u8; BINDING_LEN]> {
+    let mut out = [0u8; BINDING_LEN];
+    conn.export_keying_material(&mut out, BINDING_LABEL, b"")
+        .map_err(|_| Error::Tls("exporting the session's binding value failed".into()))?;
+    Ok(out)
+}
+
+/// Writes one frame.
+pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<()> {
+    send.write_all(&proto::encode(msg)).await.map_err(|e| Error::Protocol(format!("sending: {e}")))
+}
+
+/// Reads a frame header: `None` if the stream ended cleanly before one.
+pub async fn read_header(recv: &mut quinn::RecvStream, limit: usize) -> Result<Option<usize>> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => Ok(Some(proto::body_len(header, limit)?)),
+        Err(quinn::ReadExactError::FinishedEarly(0)) => Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            Err(Error::Protocol(format!("stream ended after {n} bytes of a frame header")))
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => Err(read_error(e)),
+    }
+}
+
+/// Reads a frame body of `len` bytes (from [`read_header`]) and decodes it.
+pub async fn read_body<T: DeserializeOwned>(recv: &mut quinn::RecvStream, len: usize) -> Result<T> {
+    let mut body = vec![0u8; len];
+    match recv.read_exact(&mut body).await {
+        Ok(()) => proto::decode(&body),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            Err(Error::Protocol(format!("stream ended after {n} of {len} bytes of a frame")))
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => Err(read_error(e)),
+    }
+}
+
+/// Reads one whole frame; `None` if the stream ended cleanly before it.
+pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, limit: usize) -> Result<Option<T>> {
+    match read_header(recv, limit).await? {
+        None => Ok(None),
+        Some(len) => read_body(recv, len).await.map(Some),
+    }
+}
+
+fn read_error(e: quinn::ReadError) -> Error {
+    match e {
+        quinn::ReadError::ConnectionLost(c) => lost(c),
+        other => Error::Protocol(format!("receiving: {other}")),
+    }
+}
+
+/// Classifies a connection failure: a server that is stopping, a link that went away, or a
+/// peer that closed on purpose.
+pub fn lost(e: quinn::ConnectionError) -> Error {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(CLOSE_SHUTDOWN) => {
+            Error::Server { code: proto::ErrorCode::ShuttingDown, message: "the server is shutting down".into() }
+        }
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            Error::Protocol(format!("the server closed the connection: {}", String::from_utf8_lossy(&c.reason)))
+        }
+        other => Error::Lost { server: String::new(), reason: other.to_string() },
+    }
+}

@@ -1,0 +1,193 @@
+//! `tardisd.cfg`: the daemon's configuration file, merged with environment variables and
+//! command-line options (command line over environment over file over defaults).
+//!
+//! The format is the seed's: `Key = Value` lines, `#` or `;` comments, and optional
+//! `[Section]` headers, which are accepted and ignored. Keys are case-insensitive. An unknown
+//! key or a bad value is an error naming the file, the line and the fix, never ignored.
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/tardis/tardisd.cfg";
+
+/// Every key the file may hold.
+const KEYS: &[&str] = &[
+    "BaseDir",
+    "Port",
+    "Listen",
+    "CertFile",
+    "KeyFile",
+    "AllowNewHosts",
+    "LogLevel",
+    "LogFile",
+    "PidFile",
+    "SessionTimeout",
+    "MaxConnections",
+];
+
+/// The daemon's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where the hosts' repositories live (`BaseDir`, `TARDIS_DB`, `--db`).
+    pub base_dir: PathBuf,
+    /// UDP port (`Port`, `TARDIS_PORT`, `--port`).
+    pub port: u16,
+    /// Address to listen on (`Listen`); `::` also accepts IPv4 where the system allows.
+    pub listen: String,
+    /// PEM certificate chain and key; generated self-signed on first start if both are absent.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Whether clients may create hosts (`AllowNewHosts`, `--allow-new-hosts`).
+    pub allow_new_hosts: bool,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub log_level: String,
+    /// Log destination when running in the background (stderr in the foreground).
+    pub log_file: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    /// How long a disconnected client's claim on its host's running backup lasts, so that
+    /// it can reconnect and resume; after that another client may back the host up.
+    pub session_timeout: Duration,
+    pub max_connections: u32,
+}
+
+impl Config {
+    /// Defaults for a repository under `base_dir`.
+    pub fn with_base(base_dir: PathBuf) -> Config {
+        Config {
+            cert_file: base_dir.join(".tardisd/cert.pem"),
+            key_file: base_dir.join(".tardisd/key.pem"),
+            base_dir,
+            port: tardis_net::proto::DEFAULT_PORT,
+            listen: "::".into(),
+            allow_new_hosts: false,
+            log_level: "info".into(),
+            log_file: None,
+            pid_file: None,
+            session_timeout: Duration::from_secs(120),
+            max_connections: 256,
+        }
+    }
+
+    /// Reads `path`; `None` uses the default file if it exists (and defaults if not).
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let (path, required) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Config::parse(&text, &path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Config::with_base(PathBuf::from("/srv/tardis")))
+            }
+            Err(e) => Err(Error::Config(format!("reading {}: {e}", path.display()))),
+        }
+    }
+
+    /// Parses the text of a configuration file (`path` is for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let mut values: Vec<(&'static str, String, usize)> = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+                continue;
+            }
+            if line.starts_with('[') && line.ends_with(']') {
+                continue;
+            }
+            let bad = |why: String| Error::Config(format!("{}:{}: {why}", path.display(), i + 1));
+            let Some((k, v)) = line.split_once('=').or_else(|| line.split_once(':')) else {
+                return Err(bad("expected `Key = Value`".into()));
+            };
+            let k = k.trim();
+            let key = KEYS
+                .iter()
+                .find(|known| known.eq_ignore_ascii_case(k))
+                .ok_or_else(|| bad(format!("unknown key {k:?}; valid keys are {}", KEYS.join(", "))))?;
+            values.push((key, v.trim().trim_matches('"').to_owned(), i + 1));
+        }
+        let base = values
+            .iter()
+            .rev()
+            .find(|(k, _, _)| *k == "BaseDir")
+            .map(|(_, v, _)| PathBuf::from(v))
+            .unwrap_or_else(|| PathBuf::from("/srv/tardis"));
+        let mut c = Config::with_base(base);
+        for (key, v, line) in values {
+            let bad = |why: &str| Error::Config(format!("{}:{line}: {key} = {v:?}: {why}", path.display()));
+            match key {
+                "BaseDir" => {}
+                "Port" => c.port = v.parse().map_err(|_| bad("expected a port number 1-65535"))?,
+                "Listen" => c.listen = v,
+                "CertFile" => c.cert_file = PathBuf::from(v),
+                "KeyFile" => c.key_file = PathBuf::from(v),
+                "AllowNewHosts" => c.allow_new_hosts = parse_bool(&v).ok_or_else(|| bad("expected yes or no"))?,
+                "LogLevel" => {
+                    if !["error", "warn", "info", "debug", "trace"].contains(&v.to_ascii_lowercase().as_str()) {
+                        return Err(bad("expected error, warn, info, debug or trace"));
+                    }
+                    c.log_level = v.to_ascii_lowercase();
+                }
+                "LogFile" => c.log_file = Some(PathBuf::from(v)),
+                "PidFile" => c.pid_file = Some(PathBuf::from(v)),
+                "SessionTimeout" => {
+                    let s: u64 = v.parse().map_err(|_| bad("expected a number of seconds"))?;
+                    c.session_timeout = Duration::from_secs(s);
+                }
+                "MaxConnections" => {
+                    c.max_connections =
+                        v.parse().ok().filter(|n| *n > 0).ok_or_else(|| bad("expected a positive number"))?
+                }
+                _ => unreachable!("every key in KEYS is handled"),
+            }
+        }
+        if c.port == 0 {
+            return Err(Error::Config(format!("{}: Port must not be 0", path.display())));
+        }
+        Ok(c)
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "yes" | "true" | "on" | "1" => Some(true),
+        "no" | "false" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config> {
+        Config::parse(t, Path::new("t.cfg"))
+    }
+
+    #[test]
+    fn seed_style_file() {
+        let c = parse(
+            "[Tardis]\n# comment\nBaseDir = /data/backup\nport=7431\nAllowNewHosts = Yes\n; x\nSessionTimeout = 30\n",
+        )
+        .unwrap();
+        assert_eq!(c.base_dir, PathBuf::from("/data/backup"));
+        assert_eq!(c.cert_file, PathBuf::from("/data/backup/.tardisd/cert.pem"));
+        assert_eq!(c.port, 7431);
+        assert!(c.allow_new_hosts);
+        assert_eq!(c.session_timeout, Duration::from_secs(30));
+        assert_eq!(parse("").unwrap(), Config::with_base("/srv/tardis".into()));
+    }
+
+    #[test]
+    fn errors_name_line_and_fix() {
+        let e = parse("BaseDir = /x\nPrt = 1\n").unwrap_err().to_string();
+        assert!(e.contains("t.cfg:2") && e.contains("unknown key") && e.contains("Port"), "{e}");
+        let e = parse("Port = seventy\n").unwrap_err().to_string();
+        assert!(e.contains("t.cfg:1") && e.contains("port number"), "{e}");
+        let e = parse("AllowNewHosts = maybe\n").unwrap_err().to_string();
+        assert!(e.contains("yes or no"), "{e}");
+        assert!(parse("just words\n").is_err());
+        assert!(parse("Port = 0\n").is_err());
+    }
+}

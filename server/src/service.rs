@@ -1,0 +1,383 @@
+//! What the daemon does with requests, independent of the network: the hosts' repositories,
+//! login checks, and the claim ("lease") that keeps one backup per host running at a time.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tardis_core::api::{HostInfo, HostKey, Repository, SetState};
+use tardis_core::ids::{HostId, SetId};
+use tardis_core::keywrap::KdfHeader;
+use tardis_core::login::{self, BINDING_LEN};
+use tardis_log::{Repo, RepoOptions};
+use tardis_net::proto::{ClientInfo, ErrorCode, Request, Response, SessionToken, LIST_PAGE};
+
+/// A refusal to send back: the code and a message for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal { code, message: message.into() }
+    }
+
+    pub fn response(self) -> Response {
+        Response::Error { code: self.code, message: self.message }
+    }
+}
+
+impl From<tardis_core::Error> for Refusal {
+    fn from(e: tardis_core::Error) -> Refusal {
+        match e {
+            tardis_core::Error::NotFound(what) => Refusal::new(ErrorCode::NotFound, what),
+            other => Refusal::new(ErrorCode::Refused, chain(&other)),
+        }
+    }
+}
+
+impl From<tardis_log::Error> for Refusal {
+    fn from(e: tardis_log::Error) -> Refusal {
+        Refusal::new(ErrorCode::Refused, chain(&e))
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}
+
+type Reply<T> = std::result::Result<T, Refusal>;
+
+/// The claim of one client run on its host's backup.
+#[derive(Debug, Clone)]
+struct Lease {
+    session: SessionToken,
+    client: ClientInfo,
+    peer: SocketAddr,
+    since: SystemTime,
+    /// The set this run opened.
+    set: Option<SetId>,
+    /// Connections of this run that are open now.
+    live: u32,
+    /// When the last of them closed.
+    left: Option<Instant>,
+}
+
+/// One host's open repository and its lease.
+#[derive(Debug)]
+pub struct Host {
+    name: String,
+    repo: Repo,
+    lease: Mutex<Option<Lease>>,
+}
+
+/// A logged-in connection's view: its host and its run.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub host: Arc<Host>,
+    pub token: SessionToken,
+    pub client: ClientInfo,
+    pub peer: SocketAddr,
+}
+
+/// The daemon's state.
+#[derive(Debug)]
+pub struct Service {
+    base: PathBuf,
+    allow_new_hosts: bool,
+    session_timeout: Duration,
+    hosts: Mutex<HashMap<String, Arc<Host>>>,
+}
+
+impl Service {
+    pub fn new(base: PathBuf, allow_new_hosts: bool, session_timeout: Duration) -> Service {
+        Service { base, allow_new_hosts, session_timeout, hosts: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn allow_new_hosts(&self) -> bool {
+        self.allow_new_hosts
+    }
+
+    /// The open repository of `name`, opening it on first use; `None` if the host has no
+    /// repository (nothing is created for an unknown name).
+    fn host(&self, name: &str, create: bool) -> Reply<Option<Arc<Host>>> {
+        tardis_log::repo::check_host_name(name)?;
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = hosts.get(name) {
+            return Ok(Some(h.clone()));
+        }
+        if !create && !Repo::exists(&self.base, name) {
+            return Ok(None);
+        }
+        let repo = Repo::open(&self.base, name, RepoOptions::default())?;
+        let h = Arc::new(Host { name: name.to_owned(), repo, lease: Mutex::new(None) });
+        hosts.insert(name.to_owned(), h.clone());
+        tracing::info!(host = name, "opened repository");
+        Ok(Some(h))
+    }
+
+    /// Drops every open repository (on shutdown, once no request uses them).
+    pub fn close(&self) {
+        self.hosts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// The public header of a host's wrapped key.
+    pub fn key_header(&self, name: &str) -> Reply<Option<Vec<u8>>> {
+        let Some(h) = self.host(name, false)? else { return Ok(None) };
+        let Some(info) = h.repo.host()? else { return Ok(None) };
+        let Some(blob) = info.wrapped_key else {
+            return Err(Refusal::new(
+                ErrorCode::Auth,
+                format!(
+                    "host {name} was created without a password; only `--local` can use it (a remote host needs \
+                     a password, which also encrypts its backups)"
+                ),
+            ));
+        };
+        Ok(Some(blob[..KdfHeader::LEN.min(blob.len())].to_vec()))
+    }
+
+    /// Checks a login proof and returns the session.
+    pub fn login(
+        &self,
+        name: &str,
+        binding: &[u8; BINDING_LEN],
+        proof: &[u8],
+        token: SessionToken,
+        client: ClientInfo,
+        peer: SocketAddr,
+    ) -> Reply<(Session, HostInfo)> {
+        let no_host = || Refusal::new(ErrorCode::NoHost, format!("host {name} does not exist on this server"));
+        let host = self.host(name, false)?.ok_or_else(no_host)?;
+        let info = host.repo.host()?.ok_or_else(no_host)?;
+        let Some(verifier) = info.verifier else {
+            return Err(Refusal::new(
+                ErrorCode::Auth,
+                format!(
+                    "host {name} has no login verifier yet (its key predates them); run `tardis-tools --db {} --host \
+                     {name} sets` with its password on the server once to add it",
+                    self.base.display()
+                ),
+            ));
+        };
+        if !login::check(&verifier, name, binding, proof) {
+            tracing::warn!(host = name, %peer, "failed login");
+            return Err(Refusal::new(ErrorCode::Auth, format!("wrong password for host {name}")));
+        }
+        tracing::info!(host = name, %peer, %client, "login");
+        self.attach(&host, token);
+        Ok((Session { host, token, client, peer }, info))
+    }
+
+    /// Creates a host and logs in as it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_host(
+        &self,
+        name: &str,
+        host_id: HostId,
+        key: HostKey,
+        binding: &[u8; BINDING_LEN],
+        proof: &[u8],
+        token: SessionToken,
+        client: ClientInfo,
+        peer: SocketAddr,
+    ) -> Reply<(Session, HostInfo)> {
+        if !self.allow_new_hosts {
+            return Err(Refusal::new(
+                ErrorCode::NewHostsNotAllowed,
+                format!(
+                    "this server does not create hosts, and host {name} does not exist: set AllowNewHosts = yes in \
+                     tardisd.cfg (or start tardisd with --allow-new-hosts), or check --host"
+                ),
+            ));
+        }
+        // The proof shows the creator holds the key behind the verifier it registers.
+        if !login::check(&key.verifier, name, binding, proof) {
+            return Err(Refusal::new(ErrorCode::Auth, "the new host's login proof does not match its verifier"));
+        }
+        let host = self.host(name, true)?.expect("created on demand");
+        if host.repo.host()?.is_some() {
+            return Err(Refusal::new(ErrorCode::Refused, format!("host {name} already exists; log in instead")));
+        }
+        let info = host.repo.create_host(host_id, Some(key))?;
+        tracing::info!(host = name, %peer, %client, "created host");
+        self.attach(&host, token);
+        Ok((Session { host, token, client, peer }, info))
+    }
+
+    /// Counts a new connection of a run that holds its host's lease (a reconnect).
+    fn attach(&self, host: &Host, token: SessionToken) {
+        let mut lease = host.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = lease.as_mut().filter(|l| l.session == token) {
+            l.live += 1;
+            l.left = None;
+        }
+    }
+
+    /// A connection of `session` closed.
+    pub fn detach(&self, session: &Session) {
+        let mut lease = session.host.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = lease.as_mut().filter(|l| l.session == session.token) {
+            l.live = l.live.saturating_sub(1);
+            if l.live == 0 {
+                l.left = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Takes (or confirms) the host's lease for `session`; refused while another live run
+    /// holds it.
+    fn claim(&self, s: &Session) -> Reply<()> {
+        let mut lease = s.host.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = lease.as_ref() {
+            if l.session == s.token {
+                return Ok(());
+            }
+            let expired = l.live == 0 && l.left.is_some_and(|t| t.elapsed() >= self.session_timeout);
+            if !expired {
+                let since = humantime(l.since);
+                let state = match l.left {
+                    None => "connected".to_owned(),
+                    Some(t) => format!(
+                        "disconnected {} s ago; its claim expires after {} s",
+                        t.elapsed().as_secs(),
+                        self.session_timeout.as_secs()
+                    ),
+                };
+                return Err(Refusal::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "host {} is being backed up by {} from {} since {since} ({state}); wait for it to finish",
+                        s.host.name, l.client, l.peer
+                    ),
+                ));
+            }
+            tracing::warn!(host = %s.host.name, client = %l.client, "taking over the claim of a client that went away");
+        }
+        *lease = Some(Lease {
+            session: s.token,
+            client: s.client.clone(),
+            peer: s.peer,
+            since: SystemTime::now(),
+            set: None,
+            live: 1,
+            left: None,
+        });
+        Ok(())
+    }
+
+    /// Handles one request of a logged-in session. `page` receives the pages of a listing
+    /// (all but the last; the last page is the returned response).
+    pub fn handle(&self, s: &Session, req: Request, page: &mut dyn FnMut(Response) -> bool) -> Response {
+        match self.dispatch(s, req, page) {
+            Ok(r) => r,
+            Err(refusal) => refusal.response(),
+        }
+    }
+
+    fn dispatch(&self, s: &Session, req: Request, page: &mut dyn FnMut(Response) -> bool) -> Reply<Response> {
+        let repo = &s.host.repo;
+        Ok(match req {
+            Request::Host => Response::Host { info: repo.host()? },
+            Request::SetWrappedKey { key } => {
+                repo.set_wrapped_key(key)?;
+                Response::Done
+            }
+            Request::Sets => Response::Sets { sets: repo.sets()? },
+            Request::Lookup { set, dir, name } => Response::Version { version: repo.lookup(set, &dir, &name)? },
+            Request::List { set, dir } => {
+                let mut versions = repo.list(set, &dir)?;
+                while versions.len() > LIST_PAGE {
+                    let rest = versions.split_off(LIST_PAGE);
+                    if !page(Response::Page { versions, last: false }) {
+                        return Err(Refusal::new(ErrorCode::Protocol, "listing abandoned by the client"));
+                    }
+                    versions = rest;
+                }
+                Response::Page { versions, last: true }
+            }
+            Request::History { dir, name } => Response::History { versions: repo.history(&dir, &name)? },
+            Request::ReadChunk { id } => Response::Chunk { chunk: repo.read_chunk(&id)? },
+            Request::MissingChunks { ids } => Response::Missing { ids: repo.missing_chunks(&ids)? },
+            Request::OpenSet { name, priority } => {
+                self.claim(s)?;
+                let mut lease = s.host.lease.lock().unwrap_or_else(|p| p.into_inner());
+                let l = lease.as_mut().expect("claimed above");
+                // A retried open (the answer was lost) gets the set it already opened.
+                if let Some(set) = l.set {
+                    if repo.sets()?.iter().any(|i| i.id == set && i.state == SetState::Open) {
+                        return Ok(Response::SetOpened { set });
+                    }
+                }
+                let set = repo.open_set(&name, priority)?;
+                l.set = Some(set);
+                tracing::info!(host = %s.host.name, set, name, "set opened");
+                Response::SetOpened { set }
+            }
+            Request::Append { set, writes } => {
+                self.claim(s)?;
+                repo.append(set, writes)?;
+                Response::Done
+            }
+            Request::CompleteSet { set, stats } => {
+                self.claim(s)?;
+                let done = repo.sets()?.iter().any(|i| i.id == set && i.state == SetState::Completed);
+                if !done {
+                    repo.complete_set(set, stats)?;
+                    tracing::info!(host = %s.host.name, set, "set completed");
+                }
+                // The run is over: release the claim.
+                let mut lease = s.host.lease.lock().unwrap_or_else(|p| p.into_inner());
+                if lease.as_ref().is_some_and(|l| l.session == s.token) {
+                    *lease = None;
+                }
+                Response::Done
+            }
+            Request::Hello { .. } | Request::KeyHeader { .. } | Request::Login { .. } | Request::CreateHost { .. } => {
+                return Err(Refusal::new(ErrorCode::Protocol, format!("{} after login", req.name())))
+            }
+        })
+    }
+}
+
+fn humantime(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_time() {
+        assert_eq!(humantime(SystemTime::UNIX_EPOCH), "1970-01-01 00:00:00 UTC");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        assert_eq!(humantime(t), "2026-11-18 07:46:40 UTC");
+    }
+}
