@@ -133,6 +133,8 @@ async fn next_request(conn: &quinn::Connection) -> Result<(quinn::SendStream, Re
         Err(e) => {
             let mut send = send;
             let _ = reply(&mut send, Refusal::new(ErrorCode::Protocol, e.to_string()).response()).await;
+            // Let the refusal arrive before the connection goes.
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
             conn.close(transport::CLOSE_PROTOCOL.into(), b"protocol error");
             Err(e.to_string())
         }

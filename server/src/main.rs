@@ -126,7 +126,9 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
         let _ =
             tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(Arc::new(file)).try_init();
     } else {
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let _ =
+            tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
     }
     Ok(())
 }
@@ -149,11 +151,13 @@ fn run(_cli: &Cli, config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    // Before binding: a second daemon is told about the first by its pidfile, not by a
+    // port conflict.
+    let pidfile = config.pid_file.as_deref().map(daemon::PidFile::create).transpose()?;
     let endpoint = {
         let _guard = rt.enter();
         bind(&config, &identity)?
     };
-    let pidfile = config.pid_file.as_deref().map(daemon::PidFile::create).transpose()?;
     let addr = endpoint.local_addr().context("reading the bound address")?;
     tracing::info!(
         %addr,

@@ -4,6 +4,8 @@
 //! The programs are the workspace's binaries next to the test executable (`target/<profile>/`);
 //! `cargo test --workspace` and `cargo nextest run --workspace` build them first.
 
+pub mod server;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;

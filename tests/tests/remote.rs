@@ -1,0 +1,388 @@
+//! `tardisd` and the remote client end to end: a real daemon on loopback, the real `tardis`,
+//! `regenerate` and `tardis-tools` binaries, and raw QUIC clients for what no well-behaved
+//! client would send.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tardis_tests::server::Daemon;
+use tardis_tests::{assert_same, bin, change_every_kind, every_kind_tree, manifest, noise, run};
+
+fn tool(name: &str, d: &Daemon, host: &str, pw: &str, kh: &Path, args: &[&OsStr]) -> Output {
+    let mut all: Vec<std::ffi::OsString> = d.client_args(host, pw, kh).into_iter().map(Into::into).collect();
+    all.extend(args.iter().map(|a| a.to_os_string()));
+    let refs: Vec<&OsStr> = all.iter().map(|a| a.as_os_str()).collect();
+    run(name, &refs)
+}
+
+fn backup(d: &Daemon, host: &str, pw: &str, kh: &Path, extra: &[&str], path: &Path) -> Output {
+    let mut args: Vec<&OsStr> = extra.iter().map(OsStr::new).collect();
+    args.push(OsStr::new("--json"));
+    args.push(path.as_os_str());
+    tool("tardis", d, host, pw, kh, &args)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn regenerate(d: &Daemon, host: &str, pw: &str, kh: &Path, set: &str, path: &Path, out: &Path) {
+    let args: Vec<&OsStr> = vec!["--set".as_ref(), set.as_ref(), "-o".as_ref(), out.as_os_str(), path.as_os_str()];
+    let r = tool("regenerate", d, host, pw, kh, &args);
+    assert!(r.status.success(), "regenerate failed: {}", stderr(&r));
+}
+
+#[test]
+fn backups_over_quic_regenerate_exactly() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    every_kind_tree(&src, 3_000_000);
+    let d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes");
+    let m1 = manifest(&src);
+
+    let r = backup(&d, "h", "pw", &kh, &["--create", "--name", "first"], &src);
+    assert!(r.status.success(), "first backup: {}", stderr(&r));
+    assert!(stderr(&r).contains("pinned its certificate"), "{}", stderr(&r));
+    let pin = fs::read_to_string(&kh).unwrap();
+    assert!(pin.starts_with(&format!("127.0.0.1:{} sha256:", d.port)), "{pin}");
+
+    change_every_kind(&src);
+    let m2 = manifest(&src);
+    let r = backup(&d, "h", "pw", &kh, &["--name", "second"], &src);
+    assert!(r.status.success(), "second backup: {}", stderr(&r));
+    let s2: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert!(s2["files_read"].as_u64().unwrap() < 10, "only changed files are read: {s2}");
+    assert_eq!(fs::read_to_string(&kh).unwrap(), pin, "a known server is not pinned twice");
+
+    for (set, want) in [("first", &m1), ("second", &m2)] {
+        let out = work.path().join(format!("out-{set}"));
+        regenerate(&d, "h", "pw", &kh, set, &src, &out);
+        assert_same(want, &manifest(&out), &format!("set {set} over QUIC"));
+    }
+
+    // The tools list and compare over the network as they do locally.
+    let sets = tool("tardis-tools", &d, "h", "pw", &kh, &["sets".as_ref(), "--json".as_ref()]);
+    assert!(sets.status.success(), "{}", stderr(&sets));
+    let names: Vec<String> = String::from_utf8_lossy(&sets.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["first", "second"]);
+    let ls =
+        tool("tardis-tools", &d, "h", "pw", &kh, &["ls".as_ref(), "--set".as_ref(), "first".as_ref(), src.as_os_str()]);
+    assert!(ls.status.success() && String::from_utf8_lossy(&ls.stdout).contains("plain.txt"), "{}", stderr(&ls));
+    let diff = tool("tardis-tools", &d, "h", "pw", &kh, &["diff".as_ref(), "first".as_ref(), "second".as_ref()]);
+    assert!(diff.status.success() && !diff.stdout.is_empty(), "{}", stderr(&diff));
+    let v = tool("tardis-tools", &d, "h", "pw", &kh, &["verify".as_ref()]);
+    assert!(!v.status.success() && stderr(&v).contains("--db"), "verify names where it runs: {}", stderr(&v));
+}
+
+#[test]
+fn refusals_are_clear_and_leave_the_repository_untouched() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), noise(100_000, 1)).unwrap();
+    let mut d = Daemon::start(&work.path().join("srv"), "");
+
+    // No AllowNewHosts: creating is refused, naming the setting.
+    let r = backup(&d, "h", "pw", &kh, &["--create"], &src);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(stderr(&r).contains("AllowNewHosts"), "{}", stderr(&r));
+    assert!(!d.db.join("h").exists(), "a refused host leaves nothing behind");
+
+    d.stop();
+    let mut d = Daemon::start_on(&d.db.clone(), d.port, "AllowNewHosts = yes");
+    // An unknown host without --create.
+    let r = backup(&d, "h", "pw", &kh, &[], &src);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(stderr(&r).contains("does not exist") && stderr(&r).contains("--create"), "{}", stderr(&r));
+    assert!(!d.db.join("h").exists());
+    // No password: remote hosts need one.
+    let port = d.port.to_string();
+    let args: Vec<&OsStr> = vec![
+        "--server".as_ref(),
+        "127.0.0.1".as_ref(),
+        "--port".as_ref(),
+        port.as_ref(),
+        "--known-hosts".as_ref(),
+        kh.as_os_str(),
+        "--host".as_ref(),
+        "h".as_ref(),
+        "--create".as_ref(),
+        src.as_os_str(),
+    ];
+    let r = run("tardis", &args);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(stderr(&r).contains("--password"), "{}", stderr(&r));
+
+    let r = backup(&d, "h", "pw", &kh, &["--create", "--name", "one"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let before = listing(&d.db.join("h/segments"));
+
+    // A wrong password.
+    let r = backup(&d, "h", "nope", &kh, &[], &src);
+    assert_eq!(r.status.code(), Some(1));
+    assert_eq!(stderr(&r).trim(), "tardis: wrong password for host h");
+    // Another host's password does not open this one.
+    let r = backup(&d, "other", "pw2", &kh, &["--create"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = backup(&d, "h", "pw2", &kh, &[], &src);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(stderr(&r).contains("wrong password"), "{}", stderr(&r));
+    assert_eq!(listing(&d.db.join("h/segments")), before, "failed logins wrote nothing");
+
+    // A server whose certificate changed is refused, naming the file to edit.
+    let pinned = fs::read_to_string(&kh).unwrap();
+    let fake = format!("127.0.0.1:{} sha256:{}\n", d.port, "ab".repeat(32));
+    fs::write(&kh, &fake).unwrap();
+    let r = backup(&d, "h", "pw", &kh, &[], &src);
+    assert_eq!(r.status.code(), Some(1));
+    let e = stderr(&r);
+    assert!(e.contains("certificate") && e.contains("changed") && e.contains(&kh.display().to_string()), "{e}");
+    assert_eq!(listing(&d.db.join("h/segments")), before);
+    fs::write(&kh, pinned).unwrap();
+
+    // A daemon stopped with SIGTERM exits 0.
+    assert!(d.stop().success(), "{}", d.log());
+}
+
+fn listing(dir: &Path) -> Vec<(String, u64)> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn one_backup_per_host_and_a_dead_clients_claim_expires() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), noise(4_000_000, 2)).unwrap();
+    let d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes\nSessionTimeout = 3");
+    let r = backup(&d, "h", "pw", &kh, &["--create"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+
+    // A client that opens a set and then stops answering (SIGSTOP), like a machine that
+    // dropped off the network; later it is killed without a goodbye to the server.
+    let big = work.path().join("big");
+    fs::create_dir_all(&big).unwrap();
+    for i in 0..48 {
+        fs::write(big.join(format!("f{i:02}")), noise(2_000_000, 200 + i)).unwrap();
+    }
+    let mut args = d.client_args("h", "pw", &kh);
+    args.extend(["--name".into(), "stuck".into(), big.display().to_string()]);
+    let mut stuck =
+        Command::new(bin("tardis")).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("name=\"stuck\"") {
+        assert!(Instant::now() < deadline, "the stuck backup never opened its set:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stuck_pid = nix::unistd::Pid::from_raw(stuck.id() as i32);
+    nix::sys::signal::kill(stuck_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    assert!(!d.log().contains("set completed host=h set=2"), "the stuck backup finished before it was stopped");
+    // While it runs, a second backup of the same host is refused, naming the running one.
+    let r = backup(&d, "h", "pw", &kh, &[], &src);
+    assert_eq!(r.status.code(), Some(1));
+    let e = stderr(&r);
+    assert!(e.contains("being backed up by tardis") && e.contains(&format!("pid {}", stuck.id())), "{e}");
+    // A second host is not affected.
+    let r = backup(&d, "h2", "pw", &kh, &["--create"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+
+    stuck.kill().unwrap();
+    stuck.wait().unwrap();
+    // Its claim expires by itself once the server notices the connection is gone (idle
+    // timeout) and SessionTimeout has passed; no manual unlock.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let r = backup(&d, "h", "pw", &kh, &["--name", "after"], &src);
+        if r.status.success() {
+            break;
+        }
+        assert!(stderr(&r).contains("being backed up"), "{}", stderr(&r));
+        assert!(Instant::now() < deadline, "the dead client's claim never expired: {}", stderr(&r));
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn a_server_restart_mid_backup_is_resumed() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..48 {
+        fs::write(src.join(format!("f{i:02}")), noise(2_000_000, 100 + i)).unwrap();
+    }
+    let mut d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes");
+    let mut args = d.client_args("h", "pw", &kh);
+    args.extend(["--create".into(), "--json".into(), src.display().to_string()]);
+    let client = Command::new(bin("tardis")).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d.log().contains("set opened") {
+        assert!(Instant::now() < deadline, "the backup never started:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.stop().success(), "SIGTERM stops the daemon cleanly:\n{}", d.log());
+    std::thread::sleep(Duration::from_secs(2));
+    d.restart();
+    let out = client.wait_with_output().unwrap();
+    assert!(out.status.success(), "the backup survived the restart: {}", stderr(&out));
+    let err = stderr(&out);
+    let log = d.log();
+    assert!(err.contains("reconnecting"), "the restart happened mid-backup and the client reconnected:\n{err}\n{log}");
+    let out_dir = work.path().join("out");
+    let r = tool("regenerate", &d, "h", "pw", &kh, &["-o".as_ref(), out_dir.as_os_str(), src.as_os_str()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_same(&manifest(&src), &manifest(&out_dir), "after a server restart");
+    // One set: the resumed run completed the set it opened.
+    let sets = tool("tardis-tools", &d, "h", "pw", &kh, &["sets".as_ref(), "--json".as_ref()]);
+    assert_eq!(String::from_utf8_lossy(&sets.stdout).lines().count(), 1, "{}", String::from_utf8_lossy(&sets.stdout));
+}
+
+#[test]
+fn daemon_detaches_with_a_pidfile_and_stops_on_sigterm() {
+    let work = tempfile::tempdir().unwrap();
+    let port = tardis_tests::server::free_port();
+    let pidfile = work.path().join("run/tardisd.pid");
+    let cfg = work.path().join("tardisd.cfg");
+    fs::write(&cfg, format!("BaseDir = {}\nPort = {port}\nListen = 127.0.0.1\n", work.path().join("srv").display()))
+        .unwrap();
+    let started = Instant::now();
+    let r = Command::new(bin("tardisd")).arg("--config").arg(&cfg).arg("--pidfile").arg(&pidfile).output().unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    let pid: i32 = fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let alive = |p: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok();
+    assert!(alive(pid));
+    // A second daemon with the same pidfile is refused.
+    let r2 = Command::new(bin("tardisd")).arg("--config").arg(&cfg).arg("--pidfile").arg(&pidfile).output().unwrap();
+    assert!(!r2.status.success());
+    assert!(stderr(&r2).contains("already running"), "{}", stderr(&r2));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    while alive(pid) {
+        assert!(started.elapsed() < Duration::from_secs(60), "tardisd did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!pidfile.exists(), "the pidfile is removed on a clean stop");
+    let log = fs::read_to_string(work.path().join("srv/.tardisd/tardisd.log")).unwrap();
+    assert!(log.contains("listening") && log.contains("stopped"), "{log}");
+}
+
+#[test]
+fn a_bad_configuration_file_names_the_line() {
+    let work = tempfile::tempdir().unwrap();
+    let cfg = work.path().join("bad.cfg");
+    fs::write(&cfg, "BaseDir = /tmp/x\nPotr = 7430\n").unwrap();
+    let r = Command::new(bin("tardisd")).arg("--config").arg(&cfg).arg("--foreground").output().unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    let e = stderr(&r);
+    assert!(e.contains("bad.cfg:2") && e.contains("Potr") && e.contains("Port"), "{e}");
+}
+
+/// A raw QUIC connection to the daemon, trusting whatever certificate it offers (pinned in a
+/// scratch file), for sending what the real client never sends.
+fn raw_connect(rt: &tokio::runtime::Runtime, d: &Daemon, kh: &Path) -> quinn::Connection {
+    use std::sync::Arc;
+    use tardis_net::tls::{client_config, Trust};
+    rt.block_on(async {
+        let (tls, _) = client_config(&Trust::KnownHosts(kh.to_owned()), "ignored").unwrap();
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        ep.connect(format!("127.0.0.1:{}", d.port).parse().unwrap(), "localhost").unwrap().await.unwrap()
+    })
+}
+
+/// Sends raw bytes on a new stream and reads the answer frame, if any.
+fn raw_exchange(
+    rt: &tokio::runtime::Runtime,
+    conn: &quinn::Connection,
+    bytes: &[u8],
+) -> Option<tardis_net::proto::Response> {
+    rt.block_on(async {
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        send.write_all(bytes).await.ok()?;
+        let _ = send.finish();
+        tardis_net::transport::read_frame(&mut recv, tardis_net::proto::MAX_FRAME).await.ok().flatten()
+    })
+}
+
+#[test]
+fn hostile_clients_get_errors_and_the_daemon_keeps_serving() {
+    use tardis_net::proto::{encode, ErrorCode, Request, Response};
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), noise(300_000, 3)).unwrap();
+    let d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes");
+    let r = backup(&d, "h", "pw", &kh, &["--create", "--name", "one"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let before = listing(&d.db.join("h/segments"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let scratch = work.path().join("raw_known_hosts");
+
+    // A client of an incompatible protocol version.
+    let conn = raw_connect(&rt, &d, &scratch);
+    let hello = Request::Hello { min: 900, max: 901, software: "tardis 9.0".into() };
+    match raw_exchange(&rt, &conn, &encode(&hello)) {
+        Some(Response::Error { code: ErrorCode::Version, message }) => {
+            assert!(message.contains("900-901") && message.contains("upgrade"), "{message}")
+        }
+        other => panic!("expected a version refusal, got {other:?}"),
+    }
+
+    // Requests before login.
+    let conn = raw_connect(&rt, &d, &scratch);
+    let hello = Request::Hello { min: 1, max: 1, software: "raw".into() };
+    assert!(matches!(raw_exchange(&rt, &conn, &encode(&hello)), Some(Response::Welcome { .. })));
+    match raw_exchange(&rt, &conn, &encode(&Request::Sets)) {
+        Some(Response::Error { code: ErrorCode::Protocol, message }) => {
+            assert!(message.contains("log in"), "{message}")
+        }
+        other => panic!("expected a protocol refusal, got {other:?}"),
+    }
+    // A replayed login: a proof made for another TLS session does not verify in this one.
+    let login = Request::Login {
+        host: "h".into(),
+        client: tardis_net::proto::ClientInfo { software: "raw".into(), machine: "m".into(), pid: 1 },
+        session: [0; 16],
+        proof: serde_bytes::ByteBuf::from(vec![7u8; 64]),
+    };
+    match raw_exchange(&rt, &conn, &encode(&login)) {
+        Some(Response::Error { code: ErrorCode::Auth, .. }) => {}
+        other => panic!("expected an auth refusal, got {other:?}"),
+    }
+
+    // Oversized, truncated and garbage frames.
+    let conn = raw_connect(&rt, &d, &scratch);
+    let huge = (u32::MAX).to_be_bytes();
+    match raw_exchange(&rt, &conn, &huge) {
+        Some(Response::Error { code: ErrorCode::Protocol, message }) => assert!(message.contains("limit"), "{message}"),
+        other => panic!("expected a size refusal, got {other:?}"),
+    }
+    for garbage in [&b"\x00\x00\x00\x10garbage"[..], b"\x00\x00\x00\x03\xc1\xc1\xc1", b"\x00\x00"] {
+        let conn = raw_connect(&rt, &d, &scratch);
+        let r = raw_exchange(&rt, &conn, garbage);
+        assert!(matches!(r, None | Some(Response::Error { code: ErrorCode::Protocol, .. })), "{r:?}");
+    }
+
+    // Random datagrams on the port: not QUIC, dropped.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..2000u64 {
+        let len = 1 + (i * 7919 % 1400) as usize;
+        let _ = sock.send_to(&noise(len, i), ("127.0.0.1", d.port));
+    }
+
+    // After all that, the repository is unchanged and a real backup still works.
+    assert_eq!(listing(&d.db.join("h/segments")), before);
+    let r = backup(&d, "h", "pw", &kh, &["--name", "two"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+}
