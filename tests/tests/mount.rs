@@ -92,8 +92,14 @@ struct Mounted {
 impl Mounted {
     /// Runs `tardisfs -o OPTIONS -f MNT` and waits until the mount appears.
     fn foreground(options: &str, mnt: &Path, log: &Path) -> Mounted {
+        Mounted::foreground_with(&[], options, mnt, log)
+    }
+
+    /// Like [`Mounted::foreground`], with more arguments before the mount point.
+    fn foreground_with(args: &[String], options: &str, mnt: &Path, log: &Path) -> Mounted {
         let child = Command::new(bin("tardisfs"))
             .args(["-o", options, "-f"])
+            .args(args)
             .arg(mnt)
             .env_remove("TARDIS_DB")
             .env_remove("TARDIS_HOST")
@@ -459,4 +465,36 @@ fn damaged_chunks_read_as_eio_never_as_zeros() {
     }
     assert!(failed > 0 && failed < content.len() / (1 << 16), "{failed} pieces failed");
     assert!(mount.log().contains("checksum"), "the damage is logged: {}", mount.log());
+}
+
+#[test]
+fn a_remote_mount_shows_the_sets_of_a_tardisd() {
+    if !fuse_usable() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh, mnt) = (work.path().join("src"), work.path().join("known_hosts"), work.path().join("mnt"));
+    build_tree(&src);
+    fs::create_dir(&mnt).unwrap();
+    let d = tardis_tests::server::Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes");
+    let mut args = d.client_args("h", "pw", &kh);
+    args.extend(["--create".into(), "--name".into(), "first".into(), src.display().to_string()]);
+    let r = Command::new(bin("tardis")).args(&args).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let m1 = manifest(&src);
+
+    let args: Vec<String> = d.client_args("h", "pw", &kh).into_iter().filter(|a| a != "--host" && a != "h").collect();
+    let mut m = Mounted::foreground_with(&args, "host=h", &mnt, &work.path().join("tardisfs.log"));
+    assert_eq!(names(&mnt), [".versions", "Current", "first"]);
+    assert_same(&m1, &mounted_manifest(&inside(&mnt.join("first"), &src)), "set first through a remote mount");
+    // Readers in parallel, each over its own QUIC streams.
+    std::thread::scope(|s| {
+        for i in 0..8u64 {
+            let p = inside(&mnt.join("first"), &src).join(format!("par/f{i}"));
+            s.spawn(move || assert!(fs::read(&p).unwrap() == par_content(i), "par/f{i} over the network"));
+        }
+    });
+    let st = Command::new("fusermount3").arg("-u").arg(&mnt).status().unwrap();
+    assert!(st.success());
+    assert!(wait_exit(m.child()).success(), "{}", m.log());
 }
