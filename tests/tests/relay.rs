@@ -7,6 +7,9 @@
 //! skewing a figure. Rates are checked against binomial bounds (5 standard deviations) for the
 //! fixed seeds; `TARDIS_RELAY_SEED` repeats a printed seed. The only timing assertions are lower
 //! bounds the harness guarantees (nothing arrives before its configured delay).
+//!
+//! The namespace tests need root, iproute2 and nftables; without them they skip with a message,
+//! unless `TARDIS_REQUIRE_NETNS=1` (set by `.ci/run`), in which case they fail.
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -14,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tardis_tests::netns::{self, NetnsPair, RateLimit, Side};
 use tardis_tests::relay::{roomy_buffers, seed_from_env, Direction, Link, Relay, RelayConfig, Stats};
 
 const MS: Duration = Duration::from_millis(1);
@@ -122,6 +126,15 @@ impl Client {
         while let Ok(n) = self.sock.recv(&mut buf) {
             self.echoes.push(parse(&buf[..n], self.epoch.elapsed()));
         }
+    }
+}
+
+/// Waits until `done` holds (calling it repeatedly), or fails the test naming `what`.
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::yield_now();
     }
 }
 
@@ -385,4 +398,114 @@ fn relay_drop_stops_its_threads_and_frees_its_port() {
     // Both threads held a handle of the client-facing socket: the port is free only once both
     // have returned and the relay's own handle is closed.
     UdpSocket::bind(addr).expect("the relay's port is free after drop");
+}
+
+/// An echo server in `B`, a client in `A`, and the pair.
+fn netns_setup(tag: &str) -> (NetnsPair, Echo, Client) {
+    let pair = NetnsPair::create(tag).expect("create namespaces");
+    let epoch = Instant::now();
+    let echo = Echo::start(pair.udp_socket(Side::B, 0).expect("socket in B"), epoch);
+    let client = Client::new(pair.udp_socket(Side::A, 0).expect("socket in A"), echo.addr, epoch);
+    (pair, echo, client)
+}
+
+#[test]
+fn netns_loss_at_30_percent_and_teardown() {
+    if !netns::skip_unless_available("netns_loss_at_30_percent_and_teardown") {
+        return;
+    }
+    let (pair, echo, mut client) = netns_setup("loss");
+    let names = [pair.name(Side::A).to_owned(), pair.name(Side::B).to_owned()];
+    assert!(names.iter().all(|n| netns::exists(n)));
+    // Addresses live only inside the namespaces, and programs run there.
+    let out = pair.command(Side::B, "ip").args(["-4", "-o", "addr", "show", "dev", netns::IFACE]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("10.201.0.2/30"), "{out:?}");
+    let host = std::process::Command::new("ip").args(["-4", "-o", "addr"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&host.stdout).contains("10.201.0."), "the host's network was changed");
+
+    // Datagrams out of `lossy` are dropped, the others not; wait until the echo server's count
+    // plus the rule's drops account for every datagram, and the client got every echo back.
+    let mut phase = |lossy: Side, percent: u8, n: u64| -> (u64, u64, u64) {
+        pair.set_loss(lossy, percent).unwrap();
+        pair.set_loss(lossy.peer(), 0).unwrap();
+        let (sent0, echoed0, back0) = (client.sent.len() as u64, echo.count(), client.echoes.len() as u64);
+        for _ in 0..n / 50 {
+            client.burst(50, 64);
+            let sent = client.sent.len() as u64;
+            wait_for("datagrams to cross the veth", || {
+                client.drain();
+                let up = pair.loss_dropped(Side::A).unwrap();
+                let down = pair.loss_dropped(Side::B).unwrap();
+                echo.count() + up == sent - sent0 + echoed0
+                    && client.echoes.len() as u64 + down == echo.count() - echoed0 + back0
+            });
+        }
+        (echo.count() - echoed0, client.echoes.len() as u64 - back0, pair.loss_dropped(lossy).unwrap())
+    };
+    assert_eq!(phase(Side::A, 0, 200), (200, 200, 0), "no loss configured, none measured");
+    let (crossed, back, dropped) = phase(Side::A, 30, 2000);
+    assert_eq!((crossed + dropped, back), (2000, crossed));
+    assert_binomial("nftables loss A to B", dropped, 2000, 0.30);
+    let (crossed, back, dropped) = phase(Side::B, 30, 2000);
+    assert_eq!((crossed, back + dropped), (2000, 2000));
+    assert_binomial("nftables loss B to A", dropped, 2000, 0.30);
+
+    drop(client);
+    drop(echo);
+    drop(pair);
+    let list = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    for n in &names {
+        assert!(!netns::exists(n), "{n} survived the drop");
+        assert!(!String::from_utf8_lossy(&list.stdout).contains(n.as_str()), "{n} still listed");
+    }
+}
+
+#[test]
+fn netns_rate_limit_paces_traffic() {
+    if !netns::skip_unless_available("netns_rate_limit_paces_traffic") {
+        return;
+    }
+    let (pair, echo, mut client) = netns_setup("rate");
+    let limit = RateLimit { bits_per_sec: 1_000_000, burst_bytes: 10_000, latency: 200 * MS };
+    pair.set_rate(Side::A, limit).unwrap();
+    // Bursts no bigger than the bucket and queue can hold, so tbf delays and never drops: every
+    // datagram must arrive, and the waits then show the rate.
+    let n = 150;
+    for _ in 0..n / 10 {
+        client.burst(10, 1000);
+        let sent = client.sent.len() as u64;
+        wait_for("datagrams through tbf", || {
+            client.drain();
+            echo.count() == sent && client.echoes.len() as u64 == sent
+        });
+    }
+    let took = echo.arrivals().last().unwrap().at - client.sent[0];
+    // tbf lets one bucket through at once, then at most the rate (payload only: headers also
+    // count against the rate, so this floor is lower than the real one).
+    let bytes = n as u64 * 1000;
+    let floor =
+        Duration::from_secs_f64((bytes - u64::from(limit.burst_bytes)) as f64 * 8.0 / limit.bits_per_sec as f64);
+    eprintln!("tbf 1 Mbit/s: {bytes} bytes in {:.0} ms (floor {:.0} ms)", millis(took), millis(floor));
+    assert!(took >= floor, "{bytes} bytes took {took:?}, faster than the limit allows ({floor:?})");
+}
+
+#[test]
+fn netns_torn_down_after_a_panic() {
+    if !netns::skip_unless_available("netns_torn_down_after_a_panic") {
+        return;
+    }
+    let names = Mutex::new(Vec::new());
+    let result = std::panic::catch_unwind(|| {
+        let pair = NetnsPair::create("panic").expect("create namespaces");
+        pair.set_loss(Side::A, 50).unwrap();
+        names.lock().unwrap().extend([pair.name(Side::A).to_owned(), pair.name(Side::B).to_owned()]);
+        assert!(netns::exists(pair.name(Side::A)));
+        panic!("deliberate panic with the namespaces alive");
+    });
+    assert!(result.is_err());
+    let names = names.into_inner().unwrap();
+    assert_eq!(names.len(), 2);
+    for n in &names {
+        assert!(!netns::exists(n), "{n} survived a panic");
+    }
 }
