@@ -16,7 +16,7 @@
 
 use std::collections::BinaryHeap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -170,13 +170,20 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts a relay on a free loopback port that forwards to `upstream`.
+    /// Starts a relay on a free loopback port that forwards to `upstream`. Started from a thread
+    /// inside a network namespace (`NetnsPair::run`), the relay lives in that namespace.
     pub fn start(upstream: SocketAddr, config: RelayConfig) -> io::Result<Relay> {
         // The client-facing socket and the server-facing one; each thread receives on one and
         // sends on the other. Neither is connected: a connected socket would report ICMP errors
         // (a server not listening yet) as receive errors.
         let front = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-        let back = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        // Towards a loopback server, stay on loopback; towards another address (a relay started
+        // inside a network namespace, in front of a server across a veth), let routing pick.
+        let back = match upstream.ip() {
+            ip if ip.is_loopback() => UdpSocket::bind((ip, 0))?,
+            IpAddr::V4(_) => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?,
+            IpAddr::V6(_) => UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?,
+        };
         roomy_buffers(&front)?;
         roomy_buffers(&back)?;
         let addr = front.local_addr()?;

@@ -143,6 +143,17 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 /// received exactly what the relay forwarded to it and echoed it; the relay received every echo;
 /// and the clients received exactly what it forwarded back.
 fn settle(relay: &Relay, echo: &Echo, clients: &mut [&mut Client]) -> Stats {
+    settle_with_kernel_loss(relay, echo, clients, || (0, 0))
+}
+
+/// [`settle`] where the kernel drops some datagrams between the relay and the echo server:
+/// `kernel_drops` returns how many so far towards the server and back.
+fn settle_with_kernel_loss(
+    relay: &Relay,
+    echo: &Echo,
+    clients: &mut [&mut Client],
+    kernel_drops: impl Fn() -> (u64, u64),
+) -> Stats {
     let sent: u64 = clients.iter().map(|c| c.sent.len() as u64).sum();
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -152,11 +163,14 @@ fn settle(relay: &Relay, echo: &Echo, clients: &mut [&mut Client]) -> Stats {
         let s = relay.stats();
         let got: u64 = clients.iter().map(|c| c.echoes.len() as u64).sum();
         let (up, down) = (s.to_server, s.to_client);
+        // Read after the relay's counters and before the echo server's: each is at most its
+        // final value, so when the sums match, all of them are final.
+        let (kernel_up, kernel_down) = kernel_drops();
         let echoed = echo.count();
         if up.received == sent
             && up.in_flight == 0
-            && echoed == up.forwarded
-            && down.received == echoed
+            && echoed + kernel_up == up.forwarded
+            && down.received + kernel_down == echoed
             && down.in_flight == 0
             && got == down.forwarded
         {
@@ -508,4 +522,31 @@ fn netns_torn_down_after_a_panic() {
     for n in &names {
         assert!(!netns::exists(n), "{n} survived a panic");
     }
+}
+
+#[test]
+fn netns_relay_inside_a_namespace_adds_delay_to_kernel_loss() {
+    if !netns::skip_unless_available("netns_relay_inside_a_namespace_adds_delay_to_kernel_loss") {
+        return;
+    }
+    // The relay (delay) runs in A next to the client; nftables drops between A and B (loss).
+    let (pair, echo, mut client) = netns_setup("both");
+    let config = RelayConfig::symmetric(seed_from_env(0x7a2d_b070), Link { delay: 25 * MS, ..Link::default() });
+    let relay = pair.run(Side::A, || Relay::start(echo.addr, config)).unwrap().expect("relay in A");
+    client.to = relay.addr();
+    pair.set_loss(Side::A, 20).unwrap();
+    pair.set_loss(Side::B, 0).unwrap();
+    let n = 1000;
+    for _ in 0..n / 50 {
+        client.burst(50, 64);
+        settle_with_kernel_loss(&relay, &echo, &mut [&mut client], || {
+            (pair.loss_dropped(Side::A).unwrap(), pair.loss_dropped(Side::B).unwrap())
+        });
+    }
+    let s = relay.stats();
+    assert_eq!((s.to_server.dropped, s.to_client.dropped), (0, 0), "the relay itself loses nothing here");
+    assert_binomial("nftables loss behind the relay", pair.loss_dropped(Side::A).unwrap(), n, 0.20);
+    let min_rtt = client.echoes.iter().map(|a| a.at - a.sent).min().expect("some echoes");
+    eprintln!("relay in a namespace: shortest round trip {:.1} ms", millis(min_rtt));
+    assert!(min_rtt >= 50 * MS, "a round trip of {min_rtt:?} beat the relay's 2 × 25 ms");
 }
