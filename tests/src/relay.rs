@@ -200,7 +200,8 @@ impl Relay {
             "relay {addr} -> {upstream}: seed {} (TARDIS_RELAY_SEED={} repeats a test that uses seed_from_env)",
             config.seed, config.seed
         );
-        let mut threads = Vec::new();
+        // Made before the threads, so that a failure to start the second one stops the first.
+        let mut relay = Relay { addr, upstream, seed: config.seed, shared, threads: Vec::new() };
         for dir in [Direction::ToServer, Direction::ToClient] {
             let (rx, tx) = match dir {
                 Direction::ToServer => (front.try_clone()?, back.try_clone()?),
@@ -211,7 +212,7 @@ impl Relay {
                 rx,
                 tx,
                 upstream,
-                shared: Arc::clone(&shared),
+                shared: Arc::clone(&relay.shared),
                 rng: Rng::new(config.seed, dir),
                 queue: BinaryHeap::new(),
                 link_free: Instant::now(),
@@ -220,9 +221,9 @@ impl Relay {
                 max_sent: None,
             };
             let name = format!("relay-{dir:?}");
-            threads.push(std::thread::Builder::new().name(name).spawn(move || worker.run())?);
+            relay.threads.push(std::thread::Builder::new().name(name).spawn(move || worker.run())?);
         }
-        Ok(Relay { addr, upstream, seed: config.seed, shared, threads })
+        Ok(relay)
     }
 
     /// The address clients send to.
