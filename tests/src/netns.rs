@@ -161,7 +161,7 @@ impl NetnsPair {
         Ok(())
     }
 
-    /// Packets the loss rule on `side` has dropped since [`Self::set_loss`].
+    /// Packets from `side` that the loss rule has dropped since [`Self::set_loss`].
     pub fn loss_dropped(&self, side: Side) -> io::Result<u64> {
         let out = self.command(side.peer(), "nft").args(["-j", "list", "chain", "ip", TABLE, "ingress"]).output()?;
         let out = checked("nft list chain", out)?;
