@@ -3,6 +3,13 @@
 //!
 //! The programs are the workspace's binaries next to the test executable (`target/<profile>/`);
 //! `cargo test --workspace` and `cargo nextest run --workspace` build them first.
+//!
+//! Lossy links: [`relay`] impairs UDP between a client and a server on loopback (delay, jitter,
+//! reordering, duplication, loss, rate caps, outages); [`netns`] makes kernel-level loss and rate
+//! limits between two network namespaces.
+
+pub mod netns;
+pub mod relay;
 
 pub mod server;
 
