@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Daemon {
     child: Option<Child>,
+    /// Program and arguments that run `tardisd` (e.g. inside a network namespace).
+    launcher: Vec<String>,
     pub port: u16,
     pub db: PathBuf,
     config: PathBuf,
@@ -34,13 +36,26 @@ impl Daemon {
 
     /// Starts `tardisd` on `port`.
     pub fn start_on(db: &Path, port: u16, config: &str) -> Daemon {
+        Daemon::launch(db, port, "127.0.0.1", &[], config)
+    }
+
+    /// Starts `tardisd` listening on `listen`:`port`, run through `launcher` (a command
+    /// prefix such as `ip netns exec NAME`; its last step must exec the daemon, so that
+    /// signals reach it).
+    pub fn launch(db: &Path, port: u16, listen: &str, launcher: &[String], config: &str) -> Daemon {
         fs::create_dir_all(db).expect("creating the daemon's BaseDir");
         let dir = db.parent().expect("db has a parent").to_owned();
         let cfg = dir.join(format!("tardisd-{port}.cfg"));
-        fs::write(&cfg, format!("[Tardis]\nBaseDir = {}\nPort = {port}\nListen = 127.0.0.1\n{config}\n", db.display()))
+        fs::write(&cfg, format!("[Tardis]\nBaseDir = {}\nPort = {port}\nListen = {listen}\n{config}\n", db.display()))
             .expect("writing tardisd.cfg");
-        let mut d =
-            Daemon { child: None, port, db: db.to_owned(), config: cfg, log: dir.join(format!("tardisd-{port}.log")) };
+        let mut d = Daemon {
+            child: None,
+            launcher: launcher.to_vec(),
+            port,
+            db: db.to_owned(),
+            config: cfg,
+            log: dir.join(format!("tardisd-{port}.log")),
+        };
         d.spawn();
         d
     }
@@ -48,7 +63,15 @@ impl Daemon {
     fn spawn(&mut self) {
         let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("daemon log file");
         let start = fs::metadata(&self.log).map_or(0, |m| m.len()) as usize;
-        let child = Command::new(bin("tardisd"))
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("tardisd"));
+                c
+            }
+            None => Command::new(bin("tardisd")),
+        };
+        let child = cmd
             .args(["--foreground", "--config"])
             .arg(&self.config)
             .env_remove("TARDIS_DB")
@@ -109,19 +132,24 @@ impl Daemon {
     /// Client options that reach this daemon as `host` with `password`, pinning its
     /// certificate in `known_hosts`.
     pub fn client_args(&self, host: &str, password: &str, known_hosts: &Path) -> Vec<String> {
-        vec![
-            "--server".into(),
-            "127.0.0.1".into(),
-            "--port".into(),
-            self.port.to_string(),
-            "--known-hosts".into(),
-            known_hosts.display().to_string(),
-            "--host".into(),
-            host.into(),
-            "--password".into(),
-            password.into(),
-        ]
+        client_args("127.0.0.1", self.port, host, password, known_hosts)
     }
+}
+
+/// Client options that reach a daemon at `server`:`port` (or a relay in front of it).
+pub fn client_args(server: &str, port: u16, host: &str, password: &str, known_hosts: &Path) -> Vec<String> {
+    vec![
+        "--server".into(),
+        server.into(),
+        "--port".into(),
+        port.to_string(),
+        "--known-hosts".into(),
+        known_hosts.display().to_string(),
+        "--host".into(),
+        host.into(),
+        "--password".into(),
+        password.into(),
+    ]
 }
 
 impl Drop for Daemon {
