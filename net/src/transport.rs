@@ -29,13 +29,22 @@ pub const CLOSE_DONE: u32 = 0;
 /// Label of the TLS exporter value that logins sign (RFC 5705 / RFC 8446 section 7.5).
 const BINDING_LABEL: &[u8] = b"EXPORTER-tardis-login-v1";
 
+/// Environment variable that picks another congestion controller (`cubic` or `newreno`)
+/// instead of BBR, on whichever end reads it; for measuring and for links where BBR
+/// misbehaves. See `docs/PROTOCOL.md`.
+pub const CONGESTION_ENV: &str = "TARDIS_QUIC_CONGESTION";
+
 /// Transport settings for both ends, tuned for lossy, high-latency links (see
 /// `docs/PROTOCOL.md`): BBR congestion control, which does not read every lost packet as
 /// congestion the way NewReno and CUBIC do; flow-control windows large enough for a
 /// 100 ms round trip at 100 Mbit/s; keep-alives well inside the idle timeout.
 pub fn transport_config() -> TransportConfig {
     let mut t = TransportConfig::default();
-    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    match std::env::var(CONGESTION_ENV).as_deref() {
+        Ok("cubic") => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+        Ok("newreno") => t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+        _ => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+    };
     t.max_idle_timeout(Some(IdleTimeout::try_from(IDLE_TIMEOUT).expect("20 s is a valid idle timeout")));
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.stream_receive_window(VarInt::from_u32(4 << 20));
