@@ -31,8 +31,19 @@ pub mod kind {
     pub const SEGMENTS_COMPACTED: u8 = 60;
 }
 
-/// Payload version written by this build for every kind.
+/// Payload version of the first format, and the one this build writes for every kind except
+/// those listed in [`payload_version`].
 pub const PAYLOAD_VERSION: u8 = 1;
+
+/// The payload version this build writes (and the highest it reads) for a record kind. A kind's
+/// version goes up when its payload gains a field, so that older builds refuse such records
+/// with "upgrade tardis" instead of misreading them. `KeyWrapped` 2 adds `verifier`.
+pub fn payload_version(kind: u8) -> u8 {
+    match kind {
+        kind::KEY_WRAPPED => 2,
+        _ => PAYLOAD_VERSION,
+    }
+}
 
 /// A host's repository came into being.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,11 +211,12 @@ impl Event {
 
     /// Decodes a payload of the given kind and version. Unknown kinds and versions are errors.
     pub fn decode(kind: u8, version: u8, payload: &[u8]) -> Result<Event> {
-        if version == 0 || version > PAYLOAD_VERSION {
+        let supported = payload_version(kind);
+        if version == 0 || version > supported {
             return Err(Error::UnsupportedVersion {
                 what: "event payload",
                 version: version.into(),
-                supported: PAYLOAD_VERSION.into(),
+                supported: supported.into(),
             });
         }
         fn dec<T: DeserializeOwned>(p: &[u8]) -> Result<T> {
@@ -293,12 +305,12 @@ pub mod tests {
         #[test]
         fn round_trip(e in arb_event()) {
             let bytes = e.encode();
-            prop_assert_eq!(Event::decode(e.kind(), PAYLOAD_VERSION, &bytes).unwrap(), e);
+            prop_assert_eq!(Event::decode(e.kind(), payload_version(e.kind()), &bytes).unwrap(), e);
         }
 
         #[test]
         fn garbage_never_panics(kind in any::<u8>(), bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let _ = Event::decode(kind, PAYLOAD_VERSION, &bytes);
+            let _ = Event::decode(kind, payload_version(kind), &bytes);
         }
     }
 
@@ -307,5 +319,30 @@ pub mod tests {
         let e = Event::SetPurged(SetPurged { set: 1, time: 2 });
         assert!(matches!(Event::decode(99, 1, &e.encode()), Err(Error::Malformed { .. })));
         assert!(matches!(Event::decode(e.kind(), 2, &e.encode()), Err(Error::UnsupportedVersion { .. })));
+    }
+}
+
+#[cfg(test)]
+mod compat {
+    use super::*;
+
+    /// `KeyWrapped` as format 1 wrote it, before the verifier field.
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct KeyWrappedV1 {
+        blob: ByteBuf,
+    }
+
+    #[test]
+    fn key_wrapped_of_version_1_still_decodes_and_version_2_is_marked() {
+        let old = rmp_serde::to_vec(&KeyWrappedV1 { blob: ByteBuf::from(vec![1, 2, 3]) }).unwrap();
+        let new = Event::decode(kind::KEY_WRAPPED, 1, &old).unwrap();
+        assert_eq!(new, Event::KeyWrapped(KeyWrapped { blob: ByteBuf::from(vec![1, 2, 3]), verifier: None }));
+        // A build that reads only version 1 refuses the new record rather than misreading it.
+        assert_eq!(payload_version(kind::KEY_WRAPPED), 2);
+        assert!(matches!(
+            Event::decode(kind::KEY_WRAPPED, 3, &old),
+            Err(Error::UnsupportedVersion { version: 3, supported: 2, .. })
+        ));
+        assert!(Event::decode(kind::SET_OPENED, 2, &old).is_err());
     }
 }

@@ -431,7 +431,7 @@ impl Repo {
         let recs: Vec<Rec<'_>> = events
             .iter()
             .zip(&metas)
-            .map(|((e, body), meta)| Rec { kind: e.kind(), version: event::PAYLOAD_VERSION, meta, body })
+            .map(|((e, body), meta)| Rec { kind: e.kind(), version: event::payload_version(e.kind()), meta, body })
             .collect();
         let (positions, end) = log.append(&recs)?;
         let applied: Vec<Applied> = events
