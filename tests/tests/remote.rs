@@ -386,3 +386,39 @@ fn hostile_clients_get_errors_and_the_daemon_keeps_serving() {
     let r = backup(&d, "h", "pw", &kh, &["--name", "two"], &src);
     assert!(r.status.success(), "{}", stderr(&r));
 }
+
+#[test]
+fn the_sysv_init_script_starts_reports_and_stops_the_daemon() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), noise(10_000, 4)).unwrap();
+    let port = tardis_tests::server::free_port();
+    let cfg = work.path().join("tardisd.cfg");
+    let srv = work.path().join("srv");
+    fs::write(&cfg, format!("BaseDir = {}\nPort = {port}\nListen = 127.0.0.1\nAllowNewHosts = yes\n", srv.display()))
+        .unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../init/tardisd");
+    let pidfile = work.path().join("tardisd.pid");
+    let init = |action: &str| {
+        Command::new("sh")
+            .arg(&script)
+            .arg(action)
+            .env("TARDISD", bin("tardisd"))
+            .env("PIDFILE", &pidfile)
+            .env("TARDIS_DAEMON_CONFIG", &cfg)
+            .output()
+            .unwrap()
+    };
+    let r = init("start");
+    assert!(r.status.success(), "start: {}", stderr(&r));
+    let r = init("status");
+    assert!(r.status.success() && String::from_utf8_lossy(&r.stdout).contains("is running"));
+    let args = tardis_tests::server::client_args("127.0.0.1", port, "h", "pw", &kh);
+    let r = Command::new(bin("tardis")).args(&args).arg("--create").arg(&src).output().unwrap();
+    assert!(r.status.success(), "a backup to the daemon the script started: {}", stderr(&r));
+    let r = init("stop");
+    assert!(r.status.success(), "stop: {}", stderr(&r));
+    assert_eq!(init("status").status.code(), Some(3), "status after stop");
+    assert!(!pidfile.exists());
+}
