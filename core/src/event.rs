@@ -24,6 +24,7 @@ pub mod kind {
     pub const SET_OPENED: u8 = 20;
     pub const SET_COMPLETED: u8 = 21;
     pub const SET_PURGED: u8 = 22;
+    pub const SET_LOCKED: u8 = 23;
     pub const CHUNK_STORED: u8 = 30;
     pub const FILE_VERSION: u8 = 40;
     pub const ENTRY_DELETED: u8 = 41;
@@ -92,6 +93,14 @@ pub struct SetPurged {
     pub time: i64,
 }
 
+/// A set was locked (never purged while locked) or unlocked. The latest event wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetLocked {
+    pub set: SetId,
+    pub locked: bool,
+    pub time: i64,
+}
+
 /// The metadata of a stored chunk; the stored bytes are the record's body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkStored {
@@ -151,6 +160,7 @@ pub enum Event {
     SetOpened(SetOpened),
     SetCompleted(SetCompleted),
     SetPurged(SetPurged),
+    SetLocked(SetLocked),
     ChunkStored(ChunkStored),
     FileVersion(FileVersion),
     EntryDeleted(EntryDeleted),
@@ -167,6 +177,7 @@ impl Event {
             Event::SetOpened(_) => kind::SET_OPENED,
             Event::SetCompleted(_) => kind::SET_COMPLETED,
             Event::SetPurged(_) => kind::SET_PURGED,
+            Event::SetLocked(_) => kind::SET_LOCKED,
             Event::ChunkStored(_) => kind::CHUNK_STORED,
             Event::FileVersion(_) => kind::FILE_VERSION,
             Event::EntryDeleted(_) => kind::ENTRY_DELETED,
@@ -186,6 +197,7 @@ impl Event {
             Event::SetOpened(e) => enc(e),
             Event::SetCompleted(e) => enc(e),
             Event::SetPurged(e) => enc(e),
+            Event::SetLocked(e) => enc(e),
             Event::ChunkStored(e) => enc(e),
             Event::FileVersion(e) => enc(e),
             Event::EntryDeleted(e) => enc(e),
@@ -212,6 +224,7 @@ impl Event {
             kind::SET_OPENED => Event::SetOpened(dec(payload)?),
             kind::SET_COMPLETED => Event::SetCompleted(dec(payload)?),
             kind::SET_PURGED => Event::SetPurged(dec(payload)?),
+            kind::SET_LOCKED => Event::SetLocked(dec(payload)?),
             kind::CHUNK_STORED => Event::ChunkStored(dec(payload)?),
             kind::FILE_VERSION => Event::FileVersion(dec(payload)?),
             kind::ENTRY_DELETED => Event::EntryDeleted(dec(payload)?),
@@ -255,6 +268,11 @@ pub mod tests {
                 }
             )),
             (any::<u64>(), any::<i64>()).prop_map(|(set, time)| Event::SetPurged(SetPurged { set, time })),
+            (any::<u64>(), any::<bool>(), any::<i64>()).prop_map(|(set, locked, time)| Event::SetLocked(SetLocked {
+                set,
+                locked,
+                time
+            })),
             (arb_id::<32>(), any::<u32>(), any::<u8>()).prop_map(|(id, plain_len, encoding)| Event::ChunkStored(
                 ChunkStored { id: ChunkId(id), plain_len, encoding }
             )),

@@ -38,7 +38,7 @@ const KEY_WRAPPED: &[u8] = b"wrapped-key";
 
 /// Version of the index layout. An index of an older version is rebuilt from the log; one of a
 /// newer version is refused (and kept) so that the build that wrote it can still use it.
-pub const INDEX_VERSION: u32 = 1;
+pub const INDEX_VERSION: u32 = 2;
 
 const ENTRY_DELETED: u8 = 0;
 const ENTRY_VERSION: u8 = 1;
@@ -88,6 +88,25 @@ pub struct SetRow {
     pub finished: Option<i64>,
     pub stats: SetStats,
     pub purged: bool,
+    /// Added in index version 2.
+    #[serde(default)]
+    pub locked: bool,
+}
+
+/// The set rows as a batch being applied changes them: its changes over the cached rows.
+struct SetOverlay<'a> {
+    base: &'a BTreeMap<SetId, SetRow>,
+    changed: BTreeMap<SetId, SetRow>,
+}
+
+impl SetOverlay<'_> {
+    fn get_mut(&mut self, id: &SetId) -> Option<&mut SetRow> {
+        if !self.changed.contains_key(id) {
+            let row = self.base.get(id)?.clone();
+            self.changed.insert(*id, row);
+        }
+        self.changed.get_mut(id)
+    }
 }
 
 /// One event of a batch being applied, with where it was written and its body length.
@@ -211,7 +230,9 @@ impl Index {
     /// Applies one committed batch and records `end` as the applied position, atomically.
     pub fn apply(&self, events: &[Applied], end: Pos) -> Result<()> {
         let mut wb = WriteBatch::default();
-        let mut sets = self.sets.read().unwrap_or_else(|p| p.into_inner()).clone();
+        // Only the rows this batch touches are copied: the cache holds every set ever made.
+        let cache = self.sets.read().unwrap_or_else(|p| p.into_inner());
+        let mut sets = SetOverlay { base: &cache, changed: BTreeMap::new() };
         let mut batch_chunks = HashSet::new();
         for a in events {
             match &a.event {
@@ -220,7 +241,7 @@ impl Index {
                 }
                 Event::KeyWrapped(k) => wb.put_cf(self.cf(CF_META), KEY_WRAPPED, &k.blob),
                 Event::SetOpened(o) => {
-                    sets.insert(
+                    sets.changed.insert(
                         o.set,
                         SetRow {
                             name: o.name.clone(),
@@ -230,21 +251,28 @@ impl Index {
                             finished: None,
                             stats: SetStats::default(),
                             purged: false,
+                            locked: false,
                         },
                     );
-                    self.put_set(&mut wb, o.set, &sets);
+                    self.put_set(&mut wb, o.set, &sets.changed);
                 }
                 Event::SetCompleted(c) => {
                     if let Some(row) = sets.get_mut(&c.set) {
                         row.finished = Some(c.finished);
                         row.stats = c.stats;
-                        self.put_set(&mut wb, c.set, &sets);
+                        self.put_set(&mut wb, c.set, &sets.changed);
                     }
                 }
                 Event::SetPurged(p) => {
                     if let Some(row) = sets.get_mut(&p.set) {
                         row.purged = true;
-                        self.put_set(&mut wb, p.set, &sets);
+                        self.put_set(&mut wb, p.set, &sets.changed);
+                    }
+                }
+                Event::SetLocked(l) => {
+                    if let Some(row) = sets.get_mut(&l.set) {
+                        row.locked = l.locked;
+                        self.put_set(&mut wb, l.set, &sets.changed);
                     }
                 }
                 Event::ChunkStored(c) => {
@@ -281,7 +309,9 @@ impl Index {
         pos[8..].copy_from_slice(&end.offset.to_be_bytes());
         wb.put_cf(self.cf(CF_META), KEY_APPLIED, pos);
         self.db.write(wb).map_err(Error::index("applying batch"))?;
-        *self.sets.write().unwrap_or_else(|p| p.into_inner()) = sets;
+        let changed = sets.changed;
+        drop(cache);
+        self.sets.write().unwrap_or_else(|p| p.into_inner()).extend(changed);
         Ok(())
     }
 
@@ -352,9 +382,22 @@ impl Index {
                     None => SetState::Abandoned,
                 },
                 purged: r.purged,
+                locked: r.locked,
                 stats: r.stats,
             })
             .collect()
+    }
+
+    /// Runs `f` on the cached set rows, without copying them (sets are never forgotten, so
+    /// a long-lived host has thousands).
+    pub fn with_set_rows<T>(&self, f: impl FnOnce(&BTreeMap<SetId, SetRow>) -> T) -> T {
+        f(&self.sets.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The open set: the newest set, if it has not completed (see [`Index::sets`]).
+    pub fn open_set(&self) -> Option<SetId> {
+        let sets = self.sets.read().unwrap_or_else(|p| p.into_inner());
+        sets.iter().next_back().filter(|(_, r)| r.finished.is_none()).map(|(id, _)| *id)
     }
 
     /// The set row of `id`.

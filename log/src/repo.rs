@@ -10,16 +10,19 @@ use crate::frame::{MAX_BODY, SEGMENT_HEADER_LEN};
 use crate::index::{Applied, Index, IndexMismatch, INDEX_VERSION};
 use crate::segments::{self, Batch, Damage, Log, LogOptions, NextSeq, Pos, Rec, Recovery};
 use crate::storage::{DirStorage, Storage};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tardis_core::api::{EntryVersion, HostInfo, Repository, SetInfo, SetState, StoredChunk, Write};
+use tardis_core::api::{EntryVersion, HostInfo, Repository, SetInfo, StoredChunk, Write};
 use tardis_core::chunk::MAX_CHUNK;
 use tardis_core::event::{
-    self, ChunkStored, Event, FileVersion, HostCreated, KeyWrapped, SetCompleted, SetOpened, SetStats,
+    self, ChunkStored, ConfigChanged, Event, FileVersion, HostCreated, KeyWrapped, SetCompleted, SetLocked, SetOpened,
+    SetPurged, SetStats,
 };
 use tardis_core::ids::{ChunkId, DirId, HostId, NameKey, SetId};
 
@@ -29,6 +32,9 @@ pub struct RepoOptions {
     pub log: LogOptions,
     /// Segment storage to use instead of `<host>/segments` (tests inject faults with it).
     pub storage: Option<Arc<dyn Storage>>,
+    /// The time to stamp events with (Unix nanoseconds) instead of the system clock: tests
+    /// move it to simulate months of backups (the binaries set it from `TARDIS_NOW`).
+    pub clock: Option<Arc<AtomicI64>>,
 }
 
 /// What a full index rebuild did.
@@ -113,6 +119,7 @@ pub struct Repo {
     index: Index,
     recovery: Recovery,
     replayed: ReplayStats,
+    clock: Option<Arc<AtomicI64>>,
     _lock: File,
 }
 
@@ -257,6 +264,7 @@ impl Repo {
             index,
             recovery,
             replayed: ReplayStats::default(),
+            clock: opts.clock.clone(),
             _lock: lock,
         };
         repo.replayed = repo.replay(from)?;
@@ -301,7 +309,15 @@ impl Repo {
         self.writer().end()
     }
 
-    fn writer(&self) -> MutexGuard<'_, Log> {
+    /// The time events are stamped with: the injected clock if there is one.
+    pub fn now(&self) -> i64 {
+        match &self.clock {
+            Some(c) => c.load(Ordering::SeqCst),
+            None => now_nanos(),
+        }
+    }
+
+    pub(crate) fn writer(&self) -> MutexGuard<'_, Log> {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -442,7 +458,7 @@ impl Repo {
     }
 
     fn open_set_id(&self) -> Option<SetId> {
-        self.index.sets().into_iter().rev().find(|s| s.state == SetState::Open).map(|s| s.id)
+        self.index.open_set()
     }
 
     fn require_open(&self, set: SetId) -> Result<()> {
@@ -650,7 +666,7 @@ impl Repository for Repo {
         if encrypted != wrapped_key.is_some() {
             return Err(Error::Refused("an encrypted host needs a wrapped key, an unencrypted one none".into()).into());
         }
-        let created = HostCreated { host_id, name: self.host.clone(), created: now_nanos(), encrypted };
+        let created = HostCreated { host_id, name: self.host.clone(), created: self.now(), encrypted };
         let mut events = vec![(Event::HostCreated(created), Vec::new())];
         if let Some(k) = &wrapped_key {
             events.push((Event::KeyWrapped(KeyWrapped { blob: serde_bytes::ByteBuf::from(k.clone()) }), Vec::new()));
@@ -700,13 +716,16 @@ impl Repository for Repo {
         if name.is_empty() || name.contains('/') || name.len() > 255 || name.starts_with('.') {
             return Err(Error::Refused(format!("invalid set name {name:?}")).into());
         }
-        let sets = self.index.sets();
-        if sets.iter().any(|s| s.name == name && s.is_live()) {
+        let (taken, id, base) = self.index.with_set_rows(|rows| {
+            let taken = rows.values().any(|r| r.name == name && r.finished.is_some() && !r.purged);
+            let id = rows.keys().next_back().map_or(1, |s| s + 1);
+            let base = rows.iter().rev().find(|(_, r)| r.finished.is_some()).map(|(id, _)| *id);
+            (taken, id, base)
+        });
+        if taken {
             return Err(Error::Refused(format!("a set named {name} already exists; choose another --name")).into());
         }
-        let id = sets.last().map_or(1, |s| s.id + 1);
-        let base = sets.iter().rev().find(|s| s.state == SetState::Completed).map(|s| s.id);
-        let e = Event::SetOpened(SetOpened { set: id, name: name.to_owned(), priority, started: now_nanos(), base });
+        let e = Event::SetOpened(SetOpened { set: id, name: name.to_owned(), priority, started: self.now(), base });
         self.commit(&mut log, vec![(e, Vec::new())])?;
         Ok(id)
     }
@@ -718,8 +737,71 @@ impl Repository for Repo {
     fn complete_set(&self, set: SetId, stats: SetStats) -> tardis_core::Result<()> {
         let mut log = self.writer();
         self.require_open(set)?;
-        let e = Event::SetCompleted(SetCompleted { set, finished: now_nanos(), stats });
+        let e = Event::SetCompleted(SetCompleted { set, finished: self.now(), stats });
         Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
+    }
+
+    fn config(&self) -> tardis_core::Result<BTreeMap<String, String>> {
+        Ok(self.index.config()?)
+    }
+
+    fn set_config(&self, key: &str, value: Option<&str>) -> tardis_core::Result<()> {
+        // Checked here as well as by the tools: the server must not store what retention
+        // cannot read.
+        match value {
+            Some(v) => tardis_core::config::validate(key, v)?,
+            None => {
+                tardis_core::config::spec(key)?;
+            }
+        }
+        let mut log = self.writer();
+        self.require_host()?;
+        let e = Event::ConfigChanged(ConfigChanged { key: key.to_owned(), value: value.map(str::to_owned) });
+        Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
+    }
+
+    fn set_locked(&self, set: SetId, locked: bool) -> tardis_core::Result<()> {
+        let mut log = self.writer();
+        self.require_host()?;
+        let Some(info) = self.index.sets().into_iter().find(|s| s.id == set) else {
+            return Err(Error::Refused(format!("host {} has no set {set}", self.host)).into());
+        };
+        if !info.is_live() {
+            return Err(Error::Refused(format!(
+                "set {} is not a completed, unpurged set; only those can be locked",
+                info.name
+            ))
+            .into());
+        }
+        if info.locked == locked {
+            return Ok(()); // nothing to record
+        }
+        let e = Event::SetLocked(SetLocked { set, locked, time: self.now() });
+        Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
+    }
+
+    fn purge_sets(&self, sets: &[SetId]) -> tardis_core::Result<()> {
+        let mut log = self.writer();
+        self.require_host()?;
+        // Checked under the writer lock, against the index as it is now: a backup completing
+        // or a set being locked meanwhile cannot slip past the rules.
+        let all = self.index.sets();
+        let mut seen = std::collections::HashSet::new();
+        let mut events = Vec::with_capacity(sets.len());
+        for &id in sets {
+            if !seen.insert(id) {
+                continue;
+            }
+            if let Some(why) = tardis_core::retention::protected(&all, id) {
+                let name = all.iter().find(|s| s.id == id).map_or_else(|| id.to_string(), |s| s.name.clone());
+                return Err(Error::Refused(format!("cannot purge set {name}: {why}")).into());
+            }
+            events.push((Event::SetPurged(SetPurged { set: id, time: self.now() }), Vec::new()));
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        Ok(self.commit(&mut log, events)?)
     }
 }
 
