@@ -6,6 +6,7 @@
 //! - [`restore`]: writing entries and their metadata back to disk for `regenerate`.
 //! - [`session`]: creating a host or unwrapping its key with the password.
 //! - [`backup`]: the walk that turns a tree into one backup set.
+//! - [`purge`]: choosing sets by retention schedule, time or name, and purging them.
 //! - [`cli`]: command-line options shared by all Tardis programs.
 
 pub mod backup;
@@ -13,6 +14,7 @@ pub mod cli;
 mod error;
 pub mod exclude;
 pub mod fsmeta;
+pub mod purge;
 pub mod restore;
 pub mod session;
 
