@@ -150,6 +150,10 @@ pub struct ConfigChanged {
 pub struct SegmentsCompacted {
     pub retired: Vec<u64>,
     pub created: Vec<u64>,
+    /// For each retired segment, the batches it held: `[first_seq, next_seq)`. Scans use them
+    /// to tell a retired segment from a missing one.
+    #[serde(default)]
+    pub ranges: Vec<[u64; 2]>,
 }
 
 /// Any event of the log.
@@ -297,8 +301,12 @@ pub mod tests {
             })),
             (".{0,20}", proptest::option::of(".{0,20}"))
                 .prop_map(|(key, value)| Event::ConfigChanged(ConfigChanged { key, value })),
-            (proptest::collection::vec(any::<u64>(), 0..5), proptest::collection::vec(any::<u64>(), 0..5))
-                .prop_map(|(retired, created)| Event::SegmentsCompacted(SegmentsCompacted { retired, created })),
+            (proptest::collection::vec(any::<u64>(), 0..5), proptest::collection::vec(any::<u64>(), 0..5)).prop_map(
+                |(retired, created)| {
+                    let ranges = retired.iter().map(|s| [*s, s.wrapping_add(1)]).collect();
+                    Event::SegmentsCompacted(SegmentsCompacted { retired, created, ranges })
+                }
+            ),
         ]
     }
 

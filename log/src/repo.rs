@@ -151,6 +151,30 @@ struct ScanReport {
     damage: Vec<Damage>,
 }
 
+/// Whether the gap between segment `prev` (or the start of the log) and `seg`, where batch
+/// `expected` was due and `first_seq` came, is exactly the batches of segments that compaction
+/// retired: every segment number in between is retired, and their ranges chain without a hole.
+fn retirement_explains(
+    retired: &BTreeMap<u64, [u64; 2]>,
+    prev: Option<u64>,
+    seg: u64,
+    expected: NextSeq,
+    first_seq: u64,
+) -> bool {
+    let NextSeq::Exactly(mut due) = expected else { return false };
+    let from = prev.map_or(1, |p| p + 1);
+    if from >= seg {
+        return false;
+    }
+    for s in from..seg {
+        match retired.get(&s) {
+            Some([first, next]) if *first == due => due = *next,
+            _ => return false,
+        }
+    }
+    due == first_seq
+}
+
 /// Checks that a host name is usable as a directory name: 1 to 255 bytes, no `/` or NUL, not
 /// starting with `.` (which also rules out `.` and `..`). Anything else is accepted.
 pub fn check_host_name(host: &str) -> Result<()> {
@@ -268,6 +292,9 @@ impl Repo {
             _lock: lock,
         };
         repo.replayed = repo.replay(from)?;
+        if repo.replayed.damage.is_empty() {
+            repo.finish_retirement()?;
+        }
         Ok(repo)
     }
 
@@ -395,7 +422,22 @@ impl Repo {
             Some(_) => None,
         };
         let mut report = ScanReport::default();
+        // Sequence breaks are only provisional: compaction retires whole segments, and the
+        // `SegmentsCompacted` record that names them (with their batch ranges) comes later in
+        // the log than the gap (FORMAT.md §8.6). Breaks it explains are not damage.
+        let mut breaks: Vec<(Option<u64>, u64, NextSeq, u64, Damage)> = Vec::new();
+        let mut retired: BTreeMap<u64, [u64; 2]> = BTreeMap::new();
+        let mut prev_seg: Option<u64> = None;
+        let mut on_batch = |batch: Batch| -> Result<()> {
+            for r in batch.records.iter().filter(|r| r.header.kind == event::kind::SEGMENTS_COMPACTED) {
+                if let Ok(Event::SegmentsCompacted(e)) = Event::decode(r.header.kind, r.header.version, &r.meta) {
+                    retired.extend(e.retired.iter().zip(e.ranges.iter()).map(|(s, r)| (*s, *r)));
+                }
+            }
+            on_batch(batch)
+        };
         for seg in segs.into_iter().filter(|s| plan.from.is_none_or(|f| *s >= f.segment)) {
+            let prev = prev_seg.replace(seg);
             report.segments += 1;
             let len = storage.len(seg).map_err(|e| Error::io("reading length of", storage.describe(seg), e))?;
             let header = match segments::read_segment_header(storage, seg, len) {
@@ -413,12 +455,17 @@ impl Repo {
                 // number only serves the continuity check of the next segment.
                 Some(f) if f.segment == seg => (f.offset, None, segments::commit_seq_ending_at(storage, f).ok()),
                 _ => {
-                    report.damage.extend(next.and_then(|n| n.check(seg, header.first_seq)));
+                    if let Some(n) = next {
+                        if let Some(d) = n.check(seg, header.first_seq) {
+                            breaks.push((prev, seg, n, header.first_seq, d));
+                        }
+                    }
                     let before = header.first_seq.checked_sub(1);
                     (header_len, before, before)
                 }
             };
-            let outcome = segments::scan_segment(storage, seg, start, len, check_seq, plan.verify_bodies, on_batch)?;
+            let outcome =
+                segments::scan_segment(storage, seg, start, len, check_seq, plan.verify_bodies, &mut on_batch)?;
             report.damage.extend(outcome.damage);
             let tail_damaged = outcome.committed_end < len;
             if tail_damaged && (Some(seg) != last || plan.last_tail_is_damage) {
@@ -431,7 +478,36 @@ impl Repo {
             }
             next = outcome.last_seq.or(seq_before).map(|s| NextSeq::after(s, tail_damaged));
         }
+        for (prev, seg, expected, first_seq, damage) in breaks {
+            if !retirement_explains(&retired, prev, seg, expected, first_seq) {
+                report.damage.push(damage);
+            }
+        }
+        report.damage.sort_by_key(|d| (d.segment, d.offset));
         Ok(report)
+    }
+
+    /// Deletes segments that an applied `SegmentsCompacted` retired but that are still there
+    /// (a crash came between the switch and the deletions). Their live records were copied and
+    /// the index no longer points into them.
+    fn finish_retirement(&self) -> Result<()> {
+        let retired = self.index.retired()?;
+        if retired.is_empty() {
+            return Ok(());
+        }
+        let current = self.writer().end().segment;
+        let present = self.storage.list().map_err(|e| Error::io("listing segments in", self.storage.describe(0), e))?;
+        let left: Vec<u64> = present.into_iter().filter(|s| retired.contains_key(s) && *s != current).collect();
+        if !left.is_empty() {
+            self.index.flush()?; // retire only behind a durable index, as compaction does
+        }
+        for seg in left {
+            tracing::warn!(segment = seg, "deleting a segment retired by an interrupted compaction");
+            self.storage
+                .remove(seg)
+                .map_err(|e| Error::io("removing retired segment", self.storage.describe(seg), e))?;
+        }
+        Ok(())
     }
 
     /// Appends events as one durable batch and applies them to the index.
