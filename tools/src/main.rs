@@ -11,7 +11,7 @@ use tardis_client::purge::{PurgeOptions, Selection};
 use tardis_client::session::{self, IfMissing};
 use tardis_core::api::Repository;
 use tardis_core::view::Tree;
-use tardis_log::{Repo, RepoOptions};
+use tardis_log::{CompactOptions, Repo, RepoOptions};
 use tardis_tools::regenerate::RegenerateArgs;
 use tardis_tools::verify::{Verdict, VerifyOptions};
 use tardis_tools::{diff, listing, regenerate, select, verify};
@@ -85,6 +85,19 @@ enum Command {
         /// Remove KEY's stored value, so that its default applies again
         #[arg(long, value_name = "KEY", conflicts_with_all = ["key", "value"])]
         unset: Option<String>,
+    },
+    /// Reclaim the space of purged sets: copy the live records out of mostly-dead segments and
+    /// delete those segments
+    ///
+    /// A segment is compacted when the share of its bytes that a kept set, the running backup
+    /// or a future backup can still use is below the threshold. The copies and the index are
+    /// made durable before any segment is deleted, so an interruption at any point leaves a
+    /// valid repository (run it again to finish). While a backup is running (or an interrupted
+    /// one has left its set open) every chunk is kept, since that backup may still use it.
+    Compact {
+        /// Compact segments whose live fraction is below F (0 to 1)
+        #[arg(long, value_name = "F", default_value_t = 0.5, value_parser = parse_fraction)]
+        threshold: f64,
     },
     /// Lock a set: no purge removes it until it is unlocked
     Lock {
@@ -199,6 +212,37 @@ fn config(repo: &Repo, key: Option<String>, value: Option<String>, unset: Option
     Ok(())
 }
 
+/// `--threshold`: a fraction from 0 to 1.
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction from 0 to 1 (e.g. 0.5)")),
+    }
+}
+
+/// `compact`: prints what was retired and the space before and after.
+fn compact(repo: &Repo, threshold: f64) -> Result<()> {
+    let r = repo.compact(&CompactOptions { threshold, ..CompactOptions::default() })?;
+    if let Some(set) = r.pinned_by_open_set {
+        println!("set {set} is open (a backup is running or was interrupted): every chunk was kept");
+    }
+    if r.retired.is_empty() {
+        println!("nothing to compact: no segment is less than {:.0}% live", threshold * 100.0);
+        return Ok(());
+    }
+    println!(
+        "retired {} segments, copied {} records ({} bytes); segments: {} bytes in {} files before, {} bytes in {} after",
+        r.retired.len(),
+        r.copied_records,
+        r.copied_bytes,
+        r.bytes_before,
+        r.segments_before,
+        r.bytes_after,
+        r.segments_after
+    );
+    Ok(())
+}
+
 /// `lock` and `unlock`.
 fn lock(repo: &Repo, name: &str, locked: bool) -> Result<()> {
     let info = select::pick(repo, Some(name), None)?;
@@ -257,6 +301,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Sets { json, all } => listing::sets(&repo, json, all),
         Command::Config { key, value, unset } => config(&repo, key, value, unset),
+        Command::Compact { threshold } => compact(&repo, threshold),
         Command::Lock { set } => lock(&repo, &set, true),
         Command::Unlock { set } => lock(&repo, &set, false),
         Command::Purge { priority, before, set, dry_run } => {
