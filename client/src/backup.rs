@@ -53,6 +53,8 @@ pub struct BackupOptions {
     pub excludes: ExcludeConfig,
     /// File data gathered before it is hashed, encoded and sent as one batch.
     pub batch_bytes: usize,
+    /// The time that picks the schedule name (Unix nanoseconds) [default: the system clock].
+    pub now: Option<i64>,
 }
 
 impl Default for BackupOptions {
@@ -64,6 +66,7 @@ impl Default for BackupOptions {
             crossdev: false,
             excludes: ExcludeConfig::from_env(Vec::new(), Vec::new()),
             batch_bytes: 32 << 20,
+            now: None,
         }
     }
 }
@@ -90,6 +93,9 @@ pub struct BackupStats {
     pub new_bytes: u64,
     /// Problems that did not stop the backup (unreadable or vanished files, sockets skipped).
     pub warnings: Vec<String>,
+    /// Sets removed by `--purge` after the backup (filled in by the caller that purged).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub purged: Vec<String>,
 }
 
 /// Receives progress while a backup runs.
@@ -180,7 +186,11 @@ pub fn backup(
     let (name, prio) = match &opts.name {
         Some(n) => (n.clone(), opts.priority.unwrap_or(0)),
         None => {
-            let (n, p) = choose_name(chrono::Local::now(), &taken);
+            let now = match opts.now {
+                Some(t) => chrono::TimeZone::timestamp_nanos(&chrono::Local, t),
+                None => chrono::Local::now(),
+            };
+            let (n, p) = choose_name(now, &taken);
             (n, opts.priority.unwrap_or(p))
         }
     };

@@ -59,9 +59,35 @@ impl RepoArgs {
         if create {
             std::fs::create_dir_all(&db).map_err(Error::io_at("creating repository directory", &db))?;
         }
-        Repo::open(&db, &host, RepoOptions::default())
+        let clock = now_override()?.map(|t| std::sync::Arc::new(std::sync::atomic::AtomicI64::new(t)));
+        Repo::open(&db, &host, RepoOptions { clock, ..RepoOptions::default() })
             .map_err(|e| Error::Invalid(format!("opening repository {} for host {host}: {e}", db.display())))
     }
+}
+
+/// The environment variable that fixes the time the programs see (tests of retention).
+pub const NOW_VAR: &str = "TARDIS_NOW";
+
+/// The time given by `TARDIS_NOW`, in Unix nanoseconds: Unix seconds (`1767225600`) or RFC 3339
+/// (`2026-01-01T00:00:00Z`). Set names, set times and retention then use it instead of the
+/// system clock, so a test can simulate months of backups in seconds.
+pub fn now_override() -> Result<Option<i64>> {
+    let Some(v) = std::env::var_os(NOW_VAR) else { return Ok(None) };
+    let v = v.to_string_lossy();
+    let parsed = match v.parse::<i64>() {
+        Ok(secs) => secs.checked_mul(1_000_000_000),
+        Err(_) => chrono::DateTime::parse_from_rfc3339(&v).ok().and_then(|t| t.timestamp_nanos_opt()),
+    };
+    parsed.map(Some).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{NOW_VAR}={v:?} is not a time: give Unix seconds or RFC 3339 (2026-01-01T00:00:00Z), or unset it"
+        ))
+    })
+}
+
+/// Now, in Unix nanoseconds: `TARDIS_NOW` if set, else the system clock.
+pub fn now() -> Result<i64> {
+    Ok(now_override()?.unwrap_or_else(|| chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)))
 }
 
 /// How the password is given (SPEC: `--password`, `--password-file`, `--password-prompt`).

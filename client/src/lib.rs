@@ -7,6 +7,7 @@
 //! - [`session`]: creating a host or unwrapping its key with the password.
 //! - [`remote`]: the same against a `tardisd`: connect, log in, unwrap.
 //! - [`backup`]: the walk that turns a tree into one backup set.
+//! - [`purge`]: choosing sets by retention schedule, time or name, and purging them.
 //! - [`cli`]: command-line options shared by all Tardis programs.
 
 pub mod backup;
@@ -14,6 +15,7 @@ pub mod cli;
 mod error;
 pub mod exclude;
 pub mod fsmeta;
+pub mod purge;
 pub mod remote;
 pub mod restore;
 pub mod session;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tardis_client::backup::{self, BackupOptions, BackupStats, Progress};
 use tardis_client::cli::{self, LogArgs, PasswordArgs, RepoArgs};
 use tardis_client::exclude::ExcludeConfig;
+use tardis_client::purge::{self, PurgeOptions, Selection};
 use tardis_client::remote::{self, ServerArgs};
 use tardis_client::session::IfMissing;
 
@@ -43,6 +44,11 @@ struct Cli {
     /// Read every file, even those whose size and times are unchanged
     #[arg(long)]
     full: bool,
+    /// After the backup, purge the sets the host's retention schedule says are due (see
+    /// `tardis-tools config`; by default hourly sets go after a day, daily after 30 days,
+    /// weekly after 26 weeks, monthly never). Locked sets and the newest set are always kept
+    #[arg(long)]
+    purge: bool,
     /// Leave out entries matching PATTERN (shell glob; a pattern with '/' is anchored at each PATH)
     #[arg(long, value_name = "PATTERN")]
     exclude: Vec<String>,
@@ -97,16 +103,27 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         full: cli.full,
         crossdev: cli.crossdev,
         excludes: ExcludeConfig::from_env(cli.exclude.clone(), cli.exclude_file.clone()),
+        now: cli::now_override()?,
         ..BackupOptions::default()
     };
     let show_bar = !cli.json && !cli.log.quiet && std::io::stderr().is_terminal();
     let bar = Bar::new(show_bar);
-    let stats = backup::backup(repo, &keys, &paths, &opts, &bar)?;
+    let mut stats = backup::backup(repo, &keys, &paths, &opts, &bar)?;
     bar.finish();
+    if cli.purge {
+        // After the backup, so the set just made counts as the newest one and is kept.
+        let req =
+            PurgeOptions { selection: Selection::Schedule { now: cli::now()? }, max_priority: None, dry_run: false };
+        let purged = purge::purge(repo, &req)?;
+        stats.purged = purged.into_iter().map(|s| s.name).collect();
+    }
     if cli.json {
         println!("{}", serde_json::to_string(&stats)?);
     } else {
         print_summary(&host, &stats);
+        for name in &stats.purged {
+            println!("purged set {name}");
+        }
     }
     Ok(if stats.warnings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }

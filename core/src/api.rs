@@ -12,6 +12,7 @@ use crate::ids::{ChunkId, DirId, HostId, NameKey, SetId};
 use crate::login::Verifier;
 use crate::Result;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// What a repository knows about its host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +59,8 @@ pub struct SetInfo {
     pub base: Option<SetId>,
     pub state: SetState,
     pub purged: bool,
+    /// Locked sets are never purged.
+    pub locked: bool,
     pub stats: SetStats,
 }
 
@@ -140,4 +143,21 @@ pub trait Repository: Send + Sync {
 
     /// Commits `set`: once this returns, the set is durable and restorable.
     fn complete_set(&self, set: SetId, stats: SetStats) -> Result<()>;
+
+    /// The host's stored configuration values (keys of [`crate::config::KEYS`] that were set;
+    /// the others have their defaults).
+    fn config(&self) -> Result<BTreeMap<String, String>>;
+
+    /// Sets a configuration value, or removes it (back to its default) with `None`. Unknown
+    /// keys and values of the wrong type are refused.
+    fn set_config(&self, key: &str, value: Option<&str>) -> Result<()>;
+
+    /// Locks (`true`) or unlocks a completed set. A locked set is never purged.
+    fn set_locked(&self, set: SetId, locked: bool) -> Result<()>;
+
+    /// Purges `sets` in one atomic batch of `SetPurged` events. Refused as a whole if any of
+    /// them is not completed, already purged, locked, or the latest completed set (see
+    /// [`crate::retention::protected`]). Purged sets are no longer listed or restorable; their
+    /// records become garbage for compaction.
+    fn purge_sets(&self, sets: &[SetId]) -> Result<()>;
 }

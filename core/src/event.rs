@@ -24,6 +24,7 @@ pub mod kind {
     pub const SET_OPENED: u8 = 20;
     pub const SET_COMPLETED: u8 = 21;
     pub const SET_PURGED: u8 = 22;
+    pub const SET_LOCKED: u8 = 23;
     pub const CHUNK_STORED: u8 = 30;
     pub const FILE_VERSION: u8 = 40;
     pub const ENTRY_DELETED: u8 = 41;
@@ -107,6 +108,14 @@ pub struct SetPurged {
     pub time: i64,
 }
 
+/// A set was locked (never purged while locked) or unlocked. The latest event wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetLocked {
+    pub set: SetId,
+    pub locked: bool,
+    pub time: i64,
+}
+
 /// The metadata of a stored chunk; the stored bytes are the record's body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkStored {
@@ -156,6 +165,10 @@ pub struct ConfigChanged {
 pub struct SegmentsCompacted {
     pub retired: Vec<u64>,
     pub created: Vec<u64>,
+    /// For each retired segment, the batches it held: `[first_seq, next_seq)`. Scans use them
+    /// to tell a retired segment from a missing one.
+    #[serde(default)]
+    pub ranges: Vec<[u64; 2]>,
 }
 
 /// Any event of the log.
@@ -166,6 +179,7 @@ pub enum Event {
     SetOpened(SetOpened),
     SetCompleted(SetCompleted),
     SetPurged(SetPurged),
+    SetLocked(SetLocked),
     ChunkStored(ChunkStored),
     FileVersion(FileVersion),
     EntryDeleted(EntryDeleted),
@@ -182,6 +196,7 @@ impl Event {
             Event::SetOpened(_) => kind::SET_OPENED,
             Event::SetCompleted(_) => kind::SET_COMPLETED,
             Event::SetPurged(_) => kind::SET_PURGED,
+            Event::SetLocked(_) => kind::SET_LOCKED,
             Event::ChunkStored(_) => kind::CHUNK_STORED,
             Event::FileVersion(_) => kind::FILE_VERSION,
             Event::EntryDeleted(_) => kind::ENTRY_DELETED,
@@ -201,6 +216,7 @@ impl Event {
             Event::SetOpened(e) => enc(e),
             Event::SetCompleted(e) => enc(e),
             Event::SetPurged(e) => enc(e),
+            Event::SetLocked(e) => enc(e),
             Event::ChunkStored(e) => enc(e),
             Event::FileVersion(e) => enc(e),
             Event::EntryDeleted(e) => enc(e),
@@ -228,6 +244,7 @@ impl Event {
             kind::SET_OPENED => Event::SetOpened(dec(payload)?),
             kind::SET_COMPLETED => Event::SetCompleted(dec(payload)?),
             kind::SET_PURGED => Event::SetPurged(dec(payload)?),
+            kind::SET_LOCKED => Event::SetLocked(dec(payload)?),
             kind::CHUNK_STORED => Event::ChunkStored(dec(payload)?),
             kind::FILE_VERSION => Event::FileVersion(dec(payload)?),
             kind::ENTRY_DELETED => Event::EntryDeleted(dec(payload)?),
@@ -272,6 +289,11 @@ pub mod tests {
                 }
             )),
             (any::<u64>(), any::<i64>()).prop_map(|(set, time)| Event::SetPurged(SetPurged { set, time })),
+            (any::<u64>(), any::<bool>(), any::<i64>()).prop_map(|(set, locked, time)| Event::SetLocked(SetLocked {
+                set,
+                locked,
+                time
+            })),
             (arb_id::<32>(), any::<u32>(), any::<u8>()).prop_map(|(id, plain_len, encoding)| Event::ChunkStored(
                 ChunkStored { id: ChunkId(id), plain_len, encoding }
             )),
@@ -296,8 +318,12 @@ pub mod tests {
             })),
             (".{0,20}", proptest::option::of(".{0,20}"))
                 .prop_map(|(key, value)| Event::ConfigChanged(ConfigChanged { key, value })),
-            (proptest::collection::vec(any::<u64>(), 0..5), proptest::collection::vec(any::<u64>(), 0..5))
-                .prop_map(|(retired, created)| Event::SegmentsCompacted(SegmentsCompacted { retired, created })),
+            (proptest::collection::vec(any::<u64>(), 0..5), proptest::collection::vec(any::<u64>(), 0..5)).prop_map(
+                |(retired, created)| {
+                    let ranges = retired.iter().map(|s| [*s, s.wrapping_add(1)]).collect();
+                    Event::SegmentsCompacted(SegmentsCompacted { retired, created, ranges })
+                }
+            ),
         ]
     }
 

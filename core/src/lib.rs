@@ -8,6 +8,8 @@
 //! - [`chunkcodec`]: the whole chunk pipeline (compress, seal, self-check) and its inverse.
 //! - [`event`]: the immutable events that make up a host's repository log.
 //! - [`meta`]: the file metadata that is sealed inside a file-version event.
+//! - [`config`]: the per-host configuration keys, their types and defaults (retention schedule).
+//! - [`retention`]: which sets a purge removes, as pure functions.
 //! - [`api`]: the repository trait that the embedded log and the network client both implement.
 //! - [`view`]: path resolution, directory listing and file reads on top of that trait.
 //!
@@ -17,6 +19,7 @@ pub mod api;
 pub mod chunk;
 pub mod chunkcodec;
 pub mod compress;
+pub mod config;
 pub mod crypto;
 mod error;
 pub mod event;
@@ -24,6 +27,7 @@ pub mod ids;
 pub mod keywrap;
 pub mod login;
 pub mod meta;
+pub mod retention;
 pub mod view;
 
 pub use error::{random_bytes, Error, Result};

@@ -40,10 +40,35 @@ const KEY_VERIFIER: &[u8] = b"login-verifier";
 
 /// Version of the index layout. An index of an older version is rebuilt from the log; one of a
 /// newer version is refused (and kept) so that the build that wrote it can still use it.
-pub const INDEX_VERSION: u32 = 1;
+pub const INDEX_VERSION: u32 = 2;
 
 const ENTRY_DELETED: u8 = 0;
 const ENTRY_VERSION: u8 = 1;
+/// An entry value starts with its tag and the position of the record that wrote it.
+const ENTRY_HEADER: usize = 17;
+const RETIRED_PREFIX: &[u8] = b"retired/";
+
+fn entry_value(tag: u8, pos: Pos) -> Vec<u8> {
+    let mut v = Vec::with_capacity(ENTRY_HEADER + 64);
+    v.push(tag);
+    v.extend_from_slice(&pos.segment.to_le_bytes());
+    v.extend_from_slice(&pos.offset.to_le_bytes());
+    v
+}
+
+fn entry_pos(value: &[u8]) -> Result<Pos> {
+    if value.len() < ENTRY_HEADER {
+        return Err(bad_value("entry", value.len()));
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(value[i..i + 8].try_into().expect("8-byte slice"));
+    Ok(Pos { segment: u64_at(1), offset: u64_at(9) })
+}
+
+fn retired_key(seg: u64) -> Vec<u8> {
+    let mut k = RETIRED_PREFIX.to_vec();
+    k.extend_from_slice(&seg.to_be_bytes());
+    k
+}
 
 /// Where a chunk's record is, and its sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +106,7 @@ impl ChunkLoc {
 }
 
 /// A set as the index keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct SetRow {
     pub name: String,
     pub priority: u32,
@@ -90,6 +115,22 @@ pub struct SetRow {
     pub finished: Option<i64>,
     pub stats: SetStats,
     pub purged: bool,
+    /// Added in index version 2.
+    #[serde(default)]
+    pub locked: bool,
+}
+
+/// The set rows as a batch being applied changes them: its changes over the cached rows.
+struct SetOverlay<'a> {
+    base: &'a BTreeMap<SetId, SetRow>,
+    changed: BTreeMap<SetId, SetRow>,
+}
+
+impl SetOverlay<'_> {
+    fn get_or_new(&mut self, id: SetId) -> &mut SetRow {
+        let base = self.base;
+        self.changed.entry(id).or_insert_with(|| base.get(&id).cloned().unwrap_or_default())
+    }
 }
 
 /// One event of a batch being applied, with where it was written and its body length.
@@ -99,6 +140,9 @@ pub struct Applied {
     pub event: Event,
     pub body_len: u32,
 }
+
+/// What [`Index::for_each_entry_at`] calls for each row: entry, set, record position, row.
+pub type EntryAtFn<'a> = dyn FnMut(&DirId, &NameKey, SetId, Pos, EntryVersion) -> Result<()> + 'a;
 
 /// One key-value pair of a logical index dump: column family, key, value.
 pub type DumpRow = (&'static str, Vec<u8>, Vec<u8>);
@@ -213,8 +257,9 @@ impl Index {
     /// Applies one committed batch and records `end` as the applied position, atomically.
     pub fn apply(&self, events: &[Applied], end: Pos) -> Result<()> {
         let mut wb = WriteBatch::default();
-        let mut sets = self.sets.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut batch_chunks = HashSet::new();
+        // Only the rows this batch touches are copied: the cache holds every set ever made.
+        let cache = self.sets.read().unwrap_or_else(|p| p.into_inner());
+        let mut sets = SetOverlay { base: &cache, changed: BTreeMap::new() };
         for a in events {
             match &a.event {
                 Event::HostCreated(h) => {
@@ -228,60 +273,75 @@ impl Index {
                         None => wb.delete_cf(self.cf(CF_META), KEY_VERIFIER),
                     }
                 }
+                // Each set event sets its own fields of the row, creating the row if needed:
+                // compaction copies a set's records forward past later ones (a `SetOpened` can
+                // come after its set's `SetPurged`), so the result must not depend on their order.
                 Event::SetOpened(o) => {
-                    sets.insert(
-                        o.set,
-                        SetRow {
-                            name: o.name.clone(),
-                            priority: o.priority,
-                            started: o.started,
-                            base: o.base,
-                            finished: None,
-                            stats: SetStats::default(),
-                            purged: false,
-                        },
-                    );
-                    self.put_set(&mut wb, o.set, &sets);
+                    let row = sets.get_or_new(o.set);
+                    row.name.clone_from(&o.name);
+                    row.priority = o.priority;
+                    row.started = o.started;
+                    row.base = o.base;
+                    self.put_set(&mut wb, o.set, &sets.changed);
                 }
                 Event::SetCompleted(c) => {
-                    if let Some(row) = sets.get_mut(&c.set) {
-                        row.finished = Some(c.finished);
-                        row.stats = c.stats;
-                        self.put_set(&mut wb, c.set, &sets);
-                    }
+                    let row = sets.get_or_new(c.set);
+                    row.finished = Some(c.finished);
+                    row.stats = c.stats;
+                    self.put_set(&mut wb, c.set, &sets.changed);
                 }
                 Event::SetPurged(p) => {
-                    if let Some(row) = sets.get_mut(&p.set) {
-                        row.purged = true;
-                        self.put_set(&mut wb, p.set, &sets);
-                    }
+                    sets.get_or_new(p.set).purged = true;
+                    self.put_set(&mut wb, p.set, &sets.changed);
+                }
+                Event::SetLocked(l) => {
+                    sets.get_or_new(l.set).locked = l.locked;
+                    self.put_set(&mut wb, l.set, &sets.changed);
                 }
                 Event::ChunkStored(c) => {
-                    // The first stored copy of a chunk stays authoritative; replays keep it.
-                    if batch_chunks.insert(c.id) && !self.has_chunk(&c.id)? {
-                        let loc = ChunkLoc {
-                            pos: a.pos,
-                            plain_len: c.plain_len,
-                            stored_len: a.body_len,
-                            encoding: c.encoding,
-                        };
-                        wb.put_cf(self.cf(CF_CHUNKS), c.id.0, loc.encode());
-                    }
+                    // The latest copy in log order is authoritative: writers never store a known
+                    // ID twice, so a later copy is compaction's (or a re-upload of a chunk that
+                    // compaction dropped). Replays apply batches in log order, so they agree.
+                    let loc =
+                        ChunkLoc { pos: a.pos, plain_len: c.plain_len, stored_len: a.body_len, encoding: c.encoding };
+                    wb.put_cf(self.cf(CF_CHUNKS), c.id.0, loc.encode());
                 }
                 Event::FileVersion(v) => {
-                    let mut val = vec![ENTRY_VERSION];
+                    let mut val = entry_value(ENTRY_VERSION, a.pos);
                     val.extend_from_slice(&Event::FileVersion(v.clone()).encode());
                     wb.put_cf(self.cf(CF_ENTRIES), entry_key(&v.dir, &v.name, v.set), val);
                 }
                 Event::EntryDeleted(d) => {
-                    wb.put_cf(self.cf(CF_ENTRIES), entry_key(&d.dir, &d.name, d.set), [ENTRY_DELETED])
+                    wb.put_cf(self.cf(CF_ENTRIES), entry_key(&d.dir, &d.name, d.set), entry_value(ENTRY_DELETED, a.pos))
                 }
                 Event::ConfigChanged(c) => match &c.value {
                     Some(v) => wb.put_cf(self.cf(CF_CONFIG), c.key.as_bytes(), v.as_bytes()),
                     None => wb.delete_cf(self.cf(CF_CONFIG), c.key.as_bytes()),
                 },
-                Event::SegmentsCompacted(_) => {
-                    return Err(Error::Version { what: "record (segments compacted)", found: 1, supported: 0 });
+                Event::SegmentsCompacted(e) => {
+                    // Alone in its batch (so the reads below see every earlier batch): rows
+                    // still pointing into a retired segment are the dead ones compaction did
+                    // not copy, and go with it.
+                    let retired: HashSet<u64> = e.retired.iter().copied().collect();
+                    self.for_each_chunk(&mut |id, loc| {
+                        if retired.contains(&loc.pos.segment) {
+                            wb.delete_cf(self.cf(CF_CHUNKS), id.0);
+                        }
+                        Ok(())
+                    })?;
+                    self.for_each_entry_at(&mut |dir, name, set, pos, _| {
+                        if retired.contains(&pos.segment) {
+                            wb.delete_cf(self.cf(CF_ENTRIES), entry_key(dir, name, set));
+                        }
+                        Ok(())
+                    })?;
+                    for (i, seg) in e.retired.iter().enumerate() {
+                        let [first, next] = e.ranges.get(i).copied().unwrap_or([0, 0]);
+                        let mut v = [0u8; 16];
+                        v[..8].copy_from_slice(&first.to_le_bytes());
+                        v[8..].copy_from_slice(&next.to_le_bytes());
+                        wb.put_cf(self.cf(CF_META), retired_key(*seg), v);
+                    }
                 }
             }
         }
@@ -290,7 +350,9 @@ impl Index {
         pos[8..].copy_from_slice(&end.offset.to_be_bytes());
         wb.put_cf(self.cf(CF_META), KEY_APPLIED, pos);
         self.db.write(wb).map_err(Error::index("applying batch"))?;
-        *self.sets.write().unwrap_or_else(|p| p.into_inner()) = sets;
+        let changed = sets.changed;
+        drop(cache);
+        self.sets.write().unwrap_or_else(|p| p.into_inner()).extend(changed);
         Ok(())
     }
 
@@ -367,9 +429,22 @@ impl Index {
                     None => SetState::Abandoned,
                 },
                 purged: r.purged,
+                locked: r.locked,
                 stats: r.stats,
             })
             .collect()
+    }
+
+    /// Runs `f` on the cached set rows, without copying them (sets are never forgotten, so
+    /// a long-lived host has thousands).
+    pub fn with_set_rows<T>(&self, f: impl FnOnce(&BTreeMap<SetId, SetRow>) -> T) -> T {
+        f(&self.sets.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The open set: the newest set, if it has not completed (see [`Index::sets`]).
+    pub fn open_set(&self) -> Option<SetId> {
+        let sets = self.sets.read().unwrap_or_else(|p| p.into_inner());
+        sets.iter().next_back().filter(|(_, r)| r.finished.is_none()).map(|(id, _)| *id)
     }
 
     /// The set row of `id`.
@@ -384,12 +459,17 @@ impl Index {
     }
 
     fn decode_entry(key: &[u8], value: &[u8]) -> Result<EntryVersion> {
+        if value.len() < ENTRY_HEADER {
+            return Err(bad_value("entry", value.len()));
+        }
         match value.first() {
             Some(&ENTRY_DELETED) => Ok(EntryVersion::Deleted(entry_set(key))),
-            Some(&ENTRY_VERSION) => match Event::decode(tardis_core::event::kind::FILE_VERSION, 1, &value[1..])? {
-                Event::FileVersion(v) => Ok(EntryVersion::Version(v)),
-                _ => Err(bad_value("entry", value.len())),
-            },
+            Some(&ENTRY_VERSION) => {
+                match Event::decode(tardis_core::event::kind::FILE_VERSION, 1, &value[ENTRY_HEADER..])? {
+                    Event::FileVersion(v) => Ok(EntryVersion::Version(v)),
+                    _ => Err(bad_value("entry", value.len())),
+                }
+            }
             _ => Err(bad_value("entry", value.len())),
         }
     }
@@ -554,6 +634,54 @@ impl Index {
         };
         let (mine, theirs) = (get(self)?, get(other)?);
         Ok(mine.iter().zip(&theirs).map(|(a, b)| a.is_some() && a == b).collect())
+    }
+
+    /// Calls `f` for every entry row with the position of the record that wrote it.
+    pub fn for_each_entry_at(&self, f: &mut EntryAtFn<'_>) -> Result<()> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_ENTRIES));
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k.len() != 40 {
+                return Err(bad_value("entry key", k.len()));
+            }
+            let dir = DirId(k[..16].try_into().expect("16-byte slice"));
+            let name = NameKey(k[16..32].try_into().expect("16-byte slice"));
+            f(&dir, &name, entry_set(k), entry_pos(v)?, Self::decode_entry(k, v)?)?;
+            it.next();
+        }
+        it.status().map_err(Error::index("reading entries"))
+    }
+
+    /// Calls `f` for every stored chunk and its location.
+    pub fn for_each_chunk(&self, f: &mut dyn FnMut(&ChunkId, ChunkLoc) -> Result<()>) -> Result<()> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_CHUNKS));
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let id = ChunkId(k.try_into().map_err(|_| bad_value("chunk key", k.len()))?);
+            f(&id, ChunkLoc::decode(v)?)?;
+            it.next();
+        }
+        it.status().map_err(Error::index("reading chunk locations"))
+    }
+
+    /// Segments retired by compaction, with the batch range each held (`first_seq`, next).
+    pub fn retired(&self) -> Result<BTreeMap<u64, [u64; 2]>> {
+        let mut out = BTreeMap::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_META));
+        it.seek(RETIRED_PREFIX);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let Some(seg) = k.strip_prefix(RETIRED_PREFIX) else { break };
+            let seg = u64::from_be_bytes(seg.try_into().map_err(|_| bad_value("retired key", k.len()))?);
+            if v.len() != 16 {
+                return Err(bad_value("retired range", v.len()));
+            }
+            let first = u64::from_le_bytes(v[..8].try_into().expect("8 bytes"));
+            let next = u64::from_le_bytes(v[8..].try_into().expect("8 bytes"));
+            out.insert(seg, [first, next]);
+            it.next();
+        }
+        it.status().map_err(Error::index("reading retired segments"))?;
+        Ok(out)
     }
 
     /// Per-host configuration values.

@@ -10,6 +10,7 @@
 //!
 //! The log is the truth; the index can always be rebuilt from it ([`Repo::rebuild_index`]).
 
+pub mod compact;
 mod error;
 pub mod fault;
 pub mod frame;
@@ -18,6 +19,7 @@ pub mod repo;
 pub mod segments;
 pub mod storage;
 
+pub use compact::{CompactOptions, CompactReport};
 pub use error::{Error, Result};
 pub use repo::{IndexCheck, ReplayStats, Repo, RepoOptions};
 pub use segments::{LogOptions, Pos};

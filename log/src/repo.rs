@@ -10,16 +10,19 @@ use crate::frame::{MAX_BODY, SEGMENT_HEADER_LEN};
 use crate::index::{Applied, Index, IndexMismatch, INDEX_VERSION};
 use crate::segments::{self, Batch, Damage, Log, LogOptions, NextSeq, Pos, Rec, Recovery};
 use crate::storage::{DirStorage, Storage};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tardis_core::api::{EntryVersion, HostInfo, HostKey, Repository, SetInfo, SetState, StoredChunk, Write};
+use tardis_core::api::{EntryVersion, HostInfo, HostKey, Repository, SetInfo, StoredChunk, Write};
 use tardis_core::chunk::MAX_CHUNK;
 use tardis_core::event::{
-    self, ChunkStored, Event, FileVersion, HostCreated, KeyWrapped, SetCompleted, SetOpened, SetStats,
+    self, ChunkStored, ConfigChanged, Event, FileVersion, HostCreated, KeyWrapped, SetCompleted, SetLocked, SetOpened,
+    SetPurged, SetStats,
 };
 use tardis_core::ids::{ChunkId, DirId, HostId, NameKey, SetId};
 use tardis_core::keywrap::WrappedKey;
@@ -30,6 +33,9 @@ pub struct RepoOptions {
     pub log: LogOptions,
     /// Segment storage to use instead of `<host>/segments` (tests inject faults with it).
     pub storage: Option<Arc<dyn Storage>>,
+    /// The time to stamp events with (Unix nanoseconds) instead of the system clock: tests
+    /// move it to simulate months of backups (the binaries set it from `TARDIS_NOW`).
+    pub clock: Option<Arc<AtomicI64>>,
 }
 
 /// What a full index rebuild did.
@@ -114,6 +120,7 @@ pub struct Repo {
     index: Index,
     recovery: Recovery,
     replayed: ReplayStats,
+    clock: Option<Arc<AtomicI64>>,
     _lock: File,
 }
 
@@ -143,6 +150,30 @@ struct ScanPlan {
 struct ScanReport {
     segments: u64,
     damage: Vec<Damage>,
+}
+
+/// Whether the gap between segment `prev` (or the start of the log) and `seg`, where batch
+/// `expected` was due and `first_seq` came, is exactly the batches of segments that compaction
+/// retired: every segment number in between is retired, and their ranges chain without a hole.
+fn retirement_explains(
+    retired: &BTreeMap<u64, [u64; 2]>,
+    prev: Option<u64>,
+    seg: u64,
+    expected: NextSeq,
+    first_seq: u64,
+) -> bool {
+    let NextSeq::Exactly(mut due) = expected else { return false };
+    let from = prev.map_or(1, |p| p + 1);
+    if from >= seg {
+        return false;
+    }
+    for s in from..seg {
+        match retired.get(&s) {
+            Some([first, next]) if *first == due => due = *next,
+            _ => return false,
+        }
+    }
+    due == first_seq
 }
 
 /// Checks that a host name is usable as a directory name: 1 to 255 bytes, no `/` or NUL, not
@@ -264,9 +295,13 @@ impl Repo {
             index,
             recovery,
             replayed: ReplayStats::default(),
+            clock: opts.clock.clone(),
             _lock: lock,
         };
         repo.replayed = repo.replay(from)?;
+        if repo.replayed.damage.is_empty() {
+            repo.finish_retirement()?;
+        }
         Ok(repo)
     }
 
@@ -308,7 +343,15 @@ impl Repo {
         self.writer().end()
     }
 
-    fn writer(&self) -> MutexGuard<'_, Log> {
+    /// The time events are stamped with: the injected clock if there is one.
+    pub fn now(&self) -> i64 {
+        match &self.clock {
+            Some(c) => c.load(Ordering::SeqCst),
+            None => now_nanos(),
+        }
+    }
+
+    pub(crate) fn writer(&self) -> MutexGuard<'_, Log> {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -386,7 +429,22 @@ impl Repo {
             Some(_) => None,
         };
         let mut report = ScanReport::default();
+        // Sequence breaks are only provisional: compaction retires whole segments, and the
+        // `SegmentsCompacted` record that names them (with their batch ranges) comes later in
+        // the log than the gap (FORMAT.md §8.6). Breaks it explains are not damage.
+        let mut breaks: Vec<(Option<u64>, u64, NextSeq, u64, Damage)> = Vec::new();
+        let mut retired: BTreeMap<u64, [u64; 2]> = BTreeMap::new();
+        let mut prev_seg: Option<u64> = None;
+        let mut on_batch = |batch: Batch| -> Result<()> {
+            for r in batch.records.iter().filter(|r| r.header.kind == event::kind::SEGMENTS_COMPACTED) {
+                if let Ok(Event::SegmentsCompacted(e)) = Event::decode(r.header.kind, r.header.version, &r.meta) {
+                    retired.extend(e.retired.iter().zip(e.ranges.iter()).map(|(s, r)| (*s, *r)));
+                }
+            }
+            on_batch(batch)
+        };
         for seg in segs.into_iter().filter(|s| plan.from.is_none_or(|f| *s >= f.segment)) {
+            let prev = prev_seg.replace(seg);
             report.segments += 1;
             let len = storage.len(seg).map_err(|e| Error::io("reading length of", storage.describe(seg), e))?;
             let header = match segments::read_segment_header(storage, seg, len) {
@@ -404,12 +462,17 @@ impl Repo {
                 // number only serves the continuity check of the next segment.
                 Some(f) if f.segment == seg => (f.offset, None, segments::commit_seq_ending_at(storage, f).ok()),
                 _ => {
-                    report.damage.extend(next.and_then(|n| n.check(seg, header.first_seq)));
+                    if let Some(n) = next {
+                        if let Some(d) = n.check(seg, header.first_seq) {
+                            breaks.push((prev, seg, n, header.first_seq, d));
+                        }
+                    }
                     let before = header.first_seq.checked_sub(1);
                     (header_len, before, before)
                 }
             };
-            let outcome = segments::scan_segment(storage, seg, start, len, check_seq, plan.verify_bodies, on_batch)?;
+            let outcome =
+                segments::scan_segment(storage, seg, start, len, check_seq, plan.verify_bodies, &mut on_batch)?;
             report.damage.extend(outcome.damage);
             let tail_damaged = outcome.committed_end < len;
             if tail_damaged && (Some(seg) != last || plan.last_tail_is_damage) {
@@ -422,7 +485,36 @@ impl Repo {
             }
             next = outcome.last_seq.or(seq_before).map(|s| NextSeq::after(s, tail_damaged));
         }
+        for (prev, seg, expected, first_seq, damage) in breaks {
+            if !retirement_explains(&retired, prev, seg, expected, first_seq) {
+                report.damage.push(damage);
+            }
+        }
+        report.damage.sort_by_key(|d| (d.segment, d.offset));
         Ok(report)
+    }
+
+    /// Deletes segments that an applied `SegmentsCompacted` retired but that are still there
+    /// (a crash came between the switch and the deletions). Their live records were copied and
+    /// the index no longer points into them.
+    fn finish_retirement(&self) -> Result<()> {
+        let retired = self.index.retired()?;
+        if retired.is_empty() {
+            return Ok(());
+        }
+        let current = self.writer().end().segment;
+        let present = self.storage.list().map_err(|e| Error::io("listing segments in", self.storage.describe(0), e))?;
+        let left: Vec<u64> = present.into_iter().filter(|s| retired.contains_key(s) && *s != current).collect();
+        if !left.is_empty() {
+            self.index.flush()?; // retire only behind a durable index, as compaction does
+        }
+        for seg in left {
+            tracing::warn!(segment = seg, "deleting a segment retired by an interrupted compaction");
+            self.storage
+                .remove(seg)
+                .map_err(|e| Error::io("removing retired segment", self.storage.describe(seg), e))?;
+        }
+        Ok(())
     }
 
     /// Appends events as one durable batch and applies them to the index.
@@ -449,7 +541,7 @@ impl Repo {
     }
 
     fn open_set_id(&self) -> Option<SetId> {
-        self.index.sets().into_iter().rev().find(|s| s.state == SetState::Open).map(|s| s.id)
+        self.index.open_set()
     }
 
     fn require_open(&self, set: SetId) -> Result<()> {
@@ -651,7 +743,7 @@ impl Repository for Repo {
             return Err(Error::Refused(format!("host {} already exists", self.host)).into());
         }
         let encrypted = key.is_some();
-        let created = HostCreated { host_id, name: self.host.clone(), created: now_nanos(), encrypted };
+        let created = HostCreated { host_id, name: self.host.clone(), created: self.now(), encrypted };
         let mut events = vec![(Event::HostCreated(created), Vec::new())];
         if let Some(k) = &key {
             events.push((Event::KeyWrapped(key_wrapped(k)?), Vec::new()));
@@ -707,13 +799,16 @@ impl Repository for Repo {
         if name.is_empty() || name.contains('/') || name.len() > 255 || name.starts_with('.') {
             return Err(Error::Refused(format!("invalid set name {name:?}")).into());
         }
-        let sets = self.index.sets();
-        if sets.iter().any(|s| s.name == name && s.is_live()) {
+        let (taken, id, base) = self.index.with_set_rows(|rows| {
+            let taken = rows.values().any(|r| r.name == name && r.finished.is_some() && !r.purged);
+            let id = rows.keys().next_back().map_or(1, |s| s + 1);
+            let base = rows.iter().rev().find(|(_, r)| r.finished.is_some()).map(|(id, _)| *id);
+            (taken, id, base)
+        });
+        if taken {
             return Err(Error::Refused(format!("a set named {name} already exists; choose another --name")).into());
         }
-        let id = sets.last().map_or(1, |s| s.id + 1);
-        let base = sets.iter().rev().find(|s| s.state == SetState::Completed).map(|s| s.id);
-        let e = Event::SetOpened(SetOpened { set: id, name: name.to_owned(), priority, started: now_nanos(), base });
+        let e = Event::SetOpened(SetOpened { set: id, name: name.to_owned(), priority, started: self.now(), base });
         self.commit(&mut log, vec![(e, Vec::new())])?;
         Ok(id)
     }
@@ -725,8 +820,71 @@ impl Repository for Repo {
     fn complete_set(&self, set: SetId, stats: SetStats) -> tardis_core::Result<()> {
         let mut log = self.writer();
         self.require_open(set)?;
-        let e = Event::SetCompleted(SetCompleted { set, finished: now_nanos(), stats });
+        let e = Event::SetCompleted(SetCompleted { set, finished: self.now(), stats });
         Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
+    }
+
+    fn config(&self) -> tardis_core::Result<BTreeMap<String, String>> {
+        Ok(self.index.config()?)
+    }
+
+    fn set_config(&self, key: &str, value: Option<&str>) -> tardis_core::Result<()> {
+        // Checked here as well as by the tools: the server must not store what retention
+        // cannot read.
+        match value {
+            Some(v) => tardis_core::config::validate(key, v)?,
+            None => {
+                tardis_core::config::spec(key)?;
+            }
+        }
+        let mut log = self.writer();
+        self.require_host()?;
+        let e = Event::ConfigChanged(ConfigChanged { key: key.to_owned(), value: value.map(str::to_owned) });
+        Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
+    }
+
+    fn set_locked(&self, set: SetId, locked: bool) -> tardis_core::Result<()> {
+        let mut log = self.writer();
+        self.require_host()?;
+        let Some(info) = self.index.sets().into_iter().find(|s| s.id == set) else {
+            return Err(Error::Refused(format!("host {} has no set {set}", self.host)).into());
+        };
+        if !info.is_live() {
+            return Err(Error::Refused(format!(
+                "set {} is not a completed, unpurged set; only those can be locked",
+                info.name
+            ))
+            .into());
+        }
+        if info.locked == locked {
+            return Ok(()); // nothing to record
+        }
+        let e = Event::SetLocked(SetLocked { set, locked, time: self.now() });
+        Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
+    }
+
+    fn purge_sets(&self, sets: &[SetId]) -> tardis_core::Result<()> {
+        let mut log = self.writer();
+        self.require_host()?;
+        // Checked under the writer lock, against the index as it is now: a backup completing
+        // or a set being locked meanwhile cannot slip past the rules.
+        let all = self.index.sets();
+        let mut seen = std::collections::HashSet::new();
+        let mut events = Vec::with_capacity(sets.len());
+        for &id in sets {
+            if !seen.insert(id) {
+                continue;
+            }
+            if let Some(why) = tardis_core::retention::protected(&all, id) {
+                let name = all.iter().find(|s| s.id == id).map_or_else(|| id.to_string(), |s| s.name.clone());
+                return Err(Error::Refused(format!("cannot purge set {name}: {why}")).into());
+            }
+            events.push((Event::SetPurged(SetPurged { set: id, time: self.now() }), Vec::new()));
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        Ok(self.commit(&mut log, events)?)
     }
 }
 

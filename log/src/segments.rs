@@ -186,6 +186,12 @@ impl Log {
         Ok((log, recovery))
     }
 
+    /// Ends the current segment: the next batch starts a new one. Compaction calls this so that
+    /// the segment it was appending to can be retired like any other.
+    pub fn roll(&mut self) {
+        self.writer = None;
+    }
+
     /// Refuses further writes until the log is reopened: the caller could not finish what a
     /// durable batch started (the index update after it failed).
     pub fn poison(&mut self) {

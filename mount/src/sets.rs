@@ -110,6 +110,7 @@ mod tests {
             base: None,
             state,
             purged,
+            locked: false,
             stats: Default::default(),
         }
     }

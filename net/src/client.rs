@@ -571,6 +571,26 @@ impl Repository for RemoteRepo {
     fn complete_set(&self, set: SetId, stats: SetStats) -> tardis_core::Result<()> {
         Ok(expect_done("complete-set", self.call(Request::CompleteSet { set, stats })?)?)
     }
+
+    fn config(&self) -> tardis_core::Result<std::collections::BTreeMap<String, String>> {
+        match self.call(Request::Config)? {
+            Response::Config { values } => Ok(values),
+            other => Err(unexpected("config", other).into()),
+        }
+    }
+
+    fn set_config(&self, key: &str, value: Option<&str>) -> tardis_core::Result<()> {
+        let req = Request::SetConfig { key: key.to_owned(), value: value.map(str::to_owned) };
+        Ok(expect_done("set-config", self.call(req)?)?)
+    }
+
+    fn set_locked(&self, set: SetId, locked: bool) -> tardis_core::Result<()> {
+        Ok(expect_done("set-locked", self.call(Request::SetLocked { set, locked })?)?)
+    }
+
+    fn purge_sets(&self, sets: &[SetId]) -> tardis_core::Result<()> {
+        Ok(expect_done("purge-sets", self.call(Request::PurgeSets { sets: sets.to_vec() })?)?)
+    }
 }
 
 fn flatten(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {

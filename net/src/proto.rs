@@ -134,6 +134,18 @@ pub enum Request {
         set: SetId,
         stats: SetStats,
     },
+    Config,
+    SetConfig {
+        key: String,
+        value: Option<String>,
+    },
+    SetLocked {
+        set: SetId,
+        locked: bool,
+    },
+    PurgeSets {
+        sets: Vec<SetId>,
+    },
 }
 
 impl Request {
@@ -155,6 +167,10 @@ impl Request {
             Request::OpenSet { .. } => "open-set",
             Request::Append { .. } => "append",
             Request::CompleteSet { .. } => "complete-set",
+            Request::Config => "config",
+            Request::SetConfig { .. } => "set-config",
+            Request::SetLocked { .. } => "set-locked",
+            Request::PurgeSets { .. } => "purge-sets",
         }
     }
 }
@@ -227,6 +243,9 @@ pub enum Response {
     },
     SetOpened {
         set: SetId,
+    },
+    Config {
+        values: std::collections::BTreeMap<String, String>,
     },
     Error {
         code: ErrorCode,
@@ -388,6 +407,9 @@ mod tests {
             (any::<u64>(), proptest::collection::vec(arb_write(), 0..10))
                 .prop_map(|(set, writes)| Request::Append { set, writes }),
             (".{0,20}", any::<u32>()).prop_map(|(name, priority)| Request::OpenSet { name, priority }),
+            (".{0,20}", proptest::option::of(".{0,20}")).prop_map(|(key, value)| Request::SetConfig { key, value }),
+            (any::<u64>(), any::<bool>()).prop_map(|(set, locked)| Request::SetLocked { set, locked }),
+            proptest::collection::vec(any::<u64>(), 0..10).prop_map(|sets| Request::PurgeSets { sets }),
         ]
     }
 

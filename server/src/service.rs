@@ -346,6 +346,22 @@ impl Service {
                 }
                 Response::Done
             }
+            Request::Config => Response::Config { values: repo.config()? },
+            Request::SetConfig { key, value } => {
+                repo.set_config(&key, value.as_deref())?;
+                tracing::info!(host = %s.host.name, key, value, "configuration changed");
+                Response::Done
+            }
+            Request::SetLocked { set, locked } => {
+                repo.set_locked(set, locked)?;
+                tracing::info!(host = %s.host.name, set, locked, "set lock changed");
+                Response::Done
+            }
+            Request::PurgeSets { sets } => {
+                repo.purge_sets(&sets)?;
+                tracing::info!(host = %s.host.name, ?sets, "sets purged");
+                Response::Done
+            }
             Request::Hello { .. } | Request::KeyHeader { .. } | Request::Login { .. } | Request::CreateHost { .. } => {
                 return Err(Refusal::new(ErrorCode::Protocol, format!("{} after login", req.name())))
             }

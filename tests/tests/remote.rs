@@ -422,3 +422,46 @@ fn the_sysv_init_script_starts_reports_and_stops_the_daemon() {
     assert_eq!(init("status").status.code(), Some(3), "status after stop");
     assert!(!pidfile.exists());
 }
+
+#[test]
+fn configuration_locks_and_purge_over_the_network() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    let d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes");
+    for (i, name) in ["one", "two", "three"].iter().enumerate() {
+        fs::write(src.join("f"), noise(50_000, 10 + i as u64)).unwrap();
+        let r = backup(&d, "h", "pw", &kh, &["--create", "--name", name], &src);
+        assert!(r.status.success(), "{}", stderr(&r));
+    }
+    let tools = |args: &[&str]| {
+        let a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        tool("tardis-tools", &d, "h", "pw", &kh, &a)
+    };
+    // Per-host configuration lives in the repository on the server.
+    let r = tools(&["config", "DailyKeep", "45d"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = tools(&["config", "DailyKeep"]);
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "45d");
+    let r = tools(&["config", "DailyKept", "1d"]);
+    assert!(!r.status.success() && stderr(&r).contains("DailyKeep"), "{}", stderr(&r));
+    // A locked set survives a purge aimed at it; an unlocked one goes.
+    assert!(tools(&["lock", "one"]).status.success());
+    let r = tools(&["purge", "--set", "one"]);
+    assert!(!r.status.success() && stderr(&r).contains("locked"), "{}", stderr(&r));
+    let r = tools(&["purge", "--set", "two"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = tools(&["sets", "--json"]);
+    let names: Vec<String> = String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["one", "three"]);
+    // Another host cannot see any of it.
+    let r = backup(&d, "other", "pw2", &kh, &["--create"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = tool("tardis-tools", &d, "other", "pw2", &kh, &["config".as_ref(), "DailyKeep".as_ref()]);
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "30d", "{}", stderr(&r));
+    let r = tool("tardis-tools", &d, "other", "pw2", &kh, &["purge".as_ref(), "--set".as_ref(), "three".as_ref()]);
+    assert!(!r.status.success(), "host other cannot purge host h's set three");
+}

@@ -341,7 +341,10 @@ fn an_index_that_disagrees_with_the_log_is_reported_and_rebuild_index_repairs_it
         let mut key = v.dir.0.to_vec();
         key.extend_from_slice(&v.name.0);
         key.extend_from_slice(&2u64.to_be_bytes());
+        // Tag, then the position of the record that wrote the row (there is none), then the
+        // payload (FORMAT.md §6.1).
         let mut value = vec![1u8];
+        value.extend_from_slice(&[0u8; 16]);
         value.extend_from_slice(&Event::FileVersion(v).encode());
         db.put_cf(db.cf_handle("entries").unwrap(), &key, &value).unwrap();
     }

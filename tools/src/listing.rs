@@ -23,6 +23,7 @@ pub struct SetLine {
     pub changed: u64,
     pub new_chunks: u64,
     pub new_bytes: u64,
+    pub locked: bool,
 }
 
 impl From<&SetInfo> for SetLine {
@@ -45,13 +46,14 @@ impl From<&SetInfo> for SetLine {
             changed: s.stats.changed,
             new_chunks: s.stats.new_chunks,
             new_bytes: s.stats.new_bytes,
+            locked: s.locked,
         }
     }
 }
 
-/// Prints every set, oldest first.
-pub fn sets(repo: &dyn Repository, json: bool) -> Result<()> {
-    let sets = repo.sets()?;
+/// Prints every set, oldest first; purged sets only with `all`.
+pub fn sets(repo: &dyn Repository, json: bool, all: bool) -> Result<()> {
+    let sets: Vec<SetInfo> = repo.sets()?.into_iter().filter(|s| all || !s.purged).collect();
     if json {
         for s in &sets {
             println!("{}", serde_json::to_string(&SetLine::from(s))?);
@@ -68,7 +70,7 @@ pub fn sets(repo: &dyn Repository, json: bool) -> Result<()> {
             "{:>5}  {:<28} {:<10} {:>4}  {:<19}  {:>9} {:>10} {:>8} {:>10}",
             l.id,
             l.name,
-            l.state,
+            if l.locked && l.state == "complete" { "locked" } else { l.state },
             l.priority,
             l.started,
             l.entries,

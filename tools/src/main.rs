@@ -7,10 +7,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tardis_client::cli::{self, LogArgs, PasswordArgs, RepoArgs};
+use tardis_client::purge::{PurgeOptions, Selection};
 use tardis_client::remote::{self, Opened, ServerArgs};
 use tardis_client::session::IfMissing;
+use tardis_core::api::Repository;
 use tardis_core::view::Tree;
-use tardis_log::{Repo, RepoOptions};
+use tardis_log::{CompactOptions, Repo, RepoOptions};
 use tardis_tools::regenerate::RegenerateArgs;
 use tardis_tools::verify::{Verdict, VerifyOptions};
 use tardis_tools::{diff, listing, regenerate, select, verify};
@@ -43,6 +45,9 @@ enum Command {
         /// One JSON object per set on stdout
         #[arg(long)]
         json: bool,
+        /// Also list purged sets
+        #[arg(long)]
+        all: bool,
     },
     /// List a directory of a set like `ls -l`, or every version of a path with --versions
     Ls {
@@ -68,6 +73,66 @@ enum Command {
     },
     /// Rebuild the index from the segment log alone
     RebuildIndex,
+    /// Show or change the host's configuration stored in the repository
+    ///
+    /// Without arguments, prints every key with its value ("(default)" when not set). With KEY,
+    /// prints its value; with KEY VALUE, stores it. Keys: HourlyPriority, HourlyKeep,
+    /// DailyPriority, DailyKeep, WeeklyPriority, WeeklyKeep, MonthlyPriority, MonthlyKeep
+    /// (retention: priorities 0-1000, keep times like 24h, 30d, 26w or forever; a set of
+    /// priority P is purged once older than the keep time of any class of priority >= P) and
+    /// MaxDeltaChain (1-100).
+    Config {
+        /// Key to show or set
+        key: Option<String>,
+        /// New value for KEY
+        value: Option<String>,
+        /// Remove KEY's stored value, so that its default applies again
+        #[arg(long, value_name = "KEY", conflicts_with_all = ["key", "value"])]
+        unset: Option<String>,
+    },
+    /// Reclaim the space of purged sets: copy the live records out of mostly-dead segments and
+    /// delete those segments
+    ///
+    /// A segment is compacted when the share of its bytes that a kept set, the running backup
+    /// or a future backup can still use is below the threshold. The copies and the index are
+    /// made durable before any segment is deleted, so an interruption at any point leaves a
+    /// valid repository (run it again to finish). While a backup is running (or an interrupted
+    /// one has left its set open) every chunk is kept, since that backup may still use it.
+    Compact {
+        /// Compact segments whose live fraction is below F (0 to 1)
+        #[arg(long, value_name = "F", default_value_t = 0.5, value_parser = parse_fraction)]
+        threshold: f64,
+    },
+    /// Lock a set: no purge removes it until it is unlocked
+    Lock {
+        /// Name of the set
+        set: String,
+    },
+    /// Unlock a set locked with `lock`
+    Unlock {
+        /// Name of the set
+        set: String,
+    },
+    /// Purge sets: by the host's retention schedule, or by time or name
+    ///
+    /// Without --before or --set, purges the sets that the retention schedule (see `config`)
+    /// says are due now. Purging appends events: the sets disappear from `sets`, the mount
+    /// and `regenerate`, and `compact` reclaims their space. Locked sets and the newest
+    /// completed set are never purged.
+    Purge {
+        /// Only purge sets of this priority or lower
+        #[arg(long, value_name = "P")]
+        priority: Option<u32>,
+        /// Purge every set that finished before WHEN ("2026-11-26 10:00", "30 days ago", ...)
+        #[arg(long, value_name = "WHEN", conflicts_with = "set")]
+        before: Option<String>,
+        /// Purge the set of this name
+        #[arg(long, value_name = "NAME")]
+        set: Option<String>,
+        /// List the sets that would be purged, and purge nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Check that every kept set can be restored, and name every set and file that cannot
     ///
     /// Reads every record of the log (framing, checksums, batch commits, missing segments),
@@ -120,11 +185,97 @@ fn main() -> ExitCode {
     }
 }
 
+/// `config`: prints every key, one key, or stores a value.
+fn config(repo: &dyn Repository, key: Option<String>, value: Option<String>, unset: Option<String>) -> Result<()> {
+    if let Some(k) = unset {
+        repo.set_config(&k, None)?;
+        let spec = tardis_core::config::spec(&k)?;
+        println!("{k} = {} (default)", spec.default);
+        return Ok(());
+    }
+    let stored = repo.config()?;
+    match (key, value) {
+        (None, _) => {
+            for k in tardis_core::config::KEYS {
+                match stored.get(k.name) {
+                    Some(v) => println!("{} = {v}", k.name),
+                    None => println!("{} = {} (default)", k.name, k.default),
+                }
+            }
+        }
+        (Some(k), None) => {
+            let spec = tardis_core::config::spec(&k)?;
+            println!("{}", stored.get(&k).map_or(spec.default, String::as_str));
+        }
+        (Some(k), Some(v)) => {
+            tardis_core::config::validate(&k, &v)?;
+            repo.set_config(&k, Some(&v))?;
+            println!("{k} = {v}");
+        }
+    }
+    Ok(())
+}
+
+/// `--threshold`: a fraction from 0 to 1.
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction from 0 to 1 (e.g. 0.5)")),
+    }
+}
+
+/// `compact`: prints what was retired and the space before and after.
+fn compact(repo: &Repo, threshold: f64) -> Result<()> {
+    let r = repo.compact(&CompactOptions { threshold, ..CompactOptions::default() })?;
+    if let Some(set) = r.pinned_by_open_set {
+        println!("set {set} is open (a backup is running or was interrupted): every chunk was kept");
+    }
+    if r.retired.is_empty() {
+        println!("nothing to compact: no segment is less than {:.0}% live", threshold * 100.0);
+        return Ok(());
+    }
+    println!(
+        "retired {} segments, copied {} records ({} bytes); segments: {} bytes in {} files before, {} bytes in {} after",
+        r.retired.len(),
+        r.copied_records,
+        r.copied_bytes,
+        r.bytes_before,
+        r.segments_before,
+        r.bytes_after,
+        r.segments_after
+    );
+    Ok(())
+}
+
+/// `lock` and `unlock`.
+fn lock(repo: &dyn Repository, name: &str, locked: bool) -> Result<()> {
+    let info = select::pick(repo, Some(name), None)?;
+    repo.set_locked(info.id, locked)?;
+    println!("{} set {}", if locked { "locked" } else { "unlocked" }, info.name);
+    Ok(())
+}
+
+/// `purge`: lists what goes (or would go, with --dry-run).
+fn purge(repo: &dyn Repository, opts: &PurgeOptions) -> Result<()> {
+    let chosen = tardis_client::purge::purge(repo, opts)?;
+    if chosen.is_empty() {
+        println!("nothing to purge");
+    }
+    let verb = if opts.dry_run { "would purge" } else { "purged" };
+    for s in &chosen {
+        let finished = s.finished.map_or_else(String::new, select::format_time);
+        println!("{verb} set {} (priority {}, finished {finished})", s.name, s.priority);
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
-    if let (Some(server), Command::Verify { .. } | Command::RebuildIndex) = (&cli.server.server, &cli.command) {
+    if let (Some(server), Command::Verify { .. } | Command::RebuildIndex | Command::Compact { .. }) =
+        (&cli.server.server, &cli.command)
+    {
         bail!(
-            "verify and rebuild-index read the segments directly: run them on {server} with --db pointing at its \
-             BaseDir (and tardisd stopped for rebuild-index)"
+            "verify, compact and rebuild-index read the segments directly: run them on {server} with --db pointing \
+             at its BaseDir (and tardisd stopped for rebuild-index and compact)"
         );
     }
     if let Command::RebuildIndex = cli.command {
@@ -161,7 +312,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Verdict::Transient => ExitCode::from(3),
             });
         }
-        Command::Sets { json } => listing::sets(repo, json),
+        Command::Sets { json, all } => listing::sets(repo, json, all),
+        Command::Config { key, value, unset } => config(repo, key, value, unset),
+        Command::Compact { threshold } => {
+            let Opened::Local(repo) = &opened else { unreachable!("refused above for --server") };
+            compact(repo, threshold)
+        }
+        Command::Lock { set } => lock(repo, &set, true),
+        Command::Unlock { set } => lock(repo, &set, false),
+        Command::Purge { priority, before, set, dry_run } => {
+            let selection = match (before, set) {
+                (Some(w), _) => Selection::Before(select::parse_when(&w)?),
+                (None, Some(name)) => Selection::Set(name),
+                (None, None) => Selection::Schedule { now: cli::now()? },
+            };
+            purge(repo, &PurgeOptions { selection, max_priority: priority, dry_run })
+        }
         Command::Ls { set, versions, path } => {
             if versions {
                 listing::versions(repo, &keys, path.as_os_str().as_bytes())

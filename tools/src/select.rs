@@ -6,10 +6,13 @@ use chrono::{Local, NaiveDate, NaiveDateTime, TimeZone};
 use tardis_core::api::{Repository, SetInfo};
 
 /// Parses "2026-11-26 10:00[:00]", "2026-11-26", "now", "today", "yesterday" or "N days ago",
-/// in local time, into Unix nanoseconds.
+/// in local time, into Unix nanoseconds. "Now" is `TARDIS_NOW` when that is set.
 pub fn parse_when(s: &str) -> Result<i64> {
     let s = s.trim();
-    let now = Local::now();
+    let now = match tardis_client::cli::now_override()? {
+        Some(t) => Local.timestamp_nanos(t),
+        None => Local::now(),
+    };
     let midnight = |d: NaiveDate| d.and_hms_opt(23, 59, 59).expect("valid time");
     let naive: NaiveDateTime = match s {
         "now" => now.naive_local(),
