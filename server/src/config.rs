@@ -6,6 +6,7 @@
 //! key or a bad value is an error naming the file, the line and the fix, never ignored.
 
 use crate::error::{Error, Result};
+use crate::jobs::{JobConfig, MinFree};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,10 +26,14 @@ const KEYS: &[&str] = &[
     "PidFile",
     "SessionTimeout",
     "MaxConnections",
+    "CompactInterval",
+    "CompactThreshold",
+    "MinFreeSpace",
+    "SpaceCheckInterval",
 ];
 
 /// The daemon's settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Where the hosts' repositories live (`BaseDir`, `TARDIS_DB`, `--db`).
     pub base_dir: PathBuf,
@@ -50,6 +55,8 @@ pub struct Config {
     /// it can reconnect and resume; after that another client may back the host up.
     pub session_timeout: Duration,
     pub max_connections: u32,
+    /// The maintenance jobs: scheduled compaction and purging when the disk runs low.
+    pub jobs: JobConfig,
 }
 
 impl Config {
@@ -67,6 +74,12 @@ impl Config {
             pid_file: None,
             session_timeout: Duration::from_secs(120),
             max_connections: 256,
+            jobs: JobConfig {
+                compact_every: Some(Duration::from_secs(6 * 3600)),
+                compact_threshold: 0.5,
+                min_free: MinFree::Off,
+                space_check_every: Duration::from_secs(60),
+            },
         }
     }
 
@@ -139,6 +152,29 @@ impl Config {
                     c.max_connections =
                         v.parse().ok().filter(|n| *n > 0).ok_or_else(|| bad("expected a positive number"))?
                 }
+                "CompactInterval" => {
+                    let s: u64 = v.parse().map_err(|_| bad("expected a number of seconds (0: never)"))?;
+                    c.jobs.compact_every = (s > 0).then(|| Duration::from_secs(s));
+                }
+                "CompactThreshold" => {
+                    c.jobs.compact_threshold = v
+                        .parse()
+                        .ok()
+                        .filter(|f| (0.0..=1.0).contains(f))
+                        .ok_or_else(|| bad("expected a fraction from 0 to 1, e.g. 0.5"))?
+                }
+                "MinFreeSpace" => {
+                    c.jobs.min_free =
+                        MinFree::parse(&v).ok_or_else(|| bad("expected bytes (e.g. 10G, 500M) or a percentage (5%)"))?
+                }
+                "SpaceCheckInterval" => {
+                    let s: u64 = v
+                        .parse()
+                        .ok()
+                        .filter(|s| *s > 0)
+                        .ok_or_else(|| bad("expected a positive number of seconds"))?;
+                    c.jobs.space_check_every = Duration::from_secs(s);
+                }
                 _ => unreachable!("every key in KEYS is handled"),
             }
         }
@@ -168,9 +204,12 @@ mod tests {
     #[test]
     fn seed_style_file() {
         let c = parse(
-            "[Tardis]\n# comment\nBaseDir = /data/backup\nport=7431\nAllowNewHosts = Yes\n; x\nSessionTimeout = 30\n",
+            "[Tardis]\n# comment\nBaseDir = /data/backup\nport=7431\nAllowNewHosts = Yes\n; x\nSessionTimeout = 30\n\
+             MinFreeSpace = 5%\nCompactInterval = 0\n",
         )
         .unwrap();
+        assert_eq!(c.jobs.min_free, MinFree::Percent(5.0));
+        assert_eq!(c.jobs.compact_every, None);
         assert_eq!(c.base_dir, PathBuf::from("/data/backup"));
         assert_eq!(c.cert_file, PathBuf::from("/data/backup/.tardisd/cert.pem"));
         assert_eq!(c.port, 7431);

@@ -174,6 +174,14 @@ fn run(_cli: &Cli, config: Config) -> anyhow::Result<()> {
     }
     let service = Arc::new(Service::new(config.base_dir.clone(), config.allow_new_hosts, config.session_timeout));
     let shared = Shared::new(service.clone(), config.max_connections);
+    let stop_jobs = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let jobs = {
+        let (service, config, stop) = (service.clone(), config.jobs.clone(), stop_jobs.clone());
+        std::thread::Builder::new()
+            .name("tardisd-jobs".into())
+            .spawn(move || tardis_server::jobs::run(service, config, stop))
+            .context("starting the maintenance thread")?
+    };
     rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(listener::serve(endpoint.clone(), shared.clone(), stop_rx));
@@ -190,6 +198,8 @@ fn run(_cli: &Cli, config: Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     });
     drop(rt);
+    stop_jobs.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = jobs.join();
     service.close();
     drop(pidfile);
     tracing::info!("stopped");

@@ -84,6 +84,12 @@ pub struct Host {
     lease: Mutex<Option<Lease>>,
 }
 
+impl Host {
+    pub fn repo(&self) -> &Repo {
+        &self.repo
+    }
+}
+
 /// A logged-in connection's view: its host and its run.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -127,6 +133,35 @@ impl Service {
         hosts.insert(name.to_owned(), h.clone());
         tracing::info!(host = name, "opened repository");
         Ok(Some(h))
+    }
+
+    /// Where the repositories live.
+    pub fn base(&self) -> &std::path::Path {
+        &self.base
+    }
+
+    /// Every host with a repository under `BaseDir`, sorted.
+    pub fn host_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.base)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.') && Repo::exists(&self.base, n))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A host's open repository (opened if needed), for the maintenance jobs; `None` (with
+    /// the reason logged) if it cannot be opened.
+    pub fn open_host(&self, name: &str) -> Option<Arc<Host>> {
+        match self.host(name, false) {
+            Ok(h) => h,
+            Err(r) => {
+                tracing::error!(host = name, "opening the repository: {}", r.message);
+                None
+            }
+        }
     }
 
     /// Drops every open repository (on shutdown, once no request uses them).

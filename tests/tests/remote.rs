@@ -465,3 +465,62 @@ fn configuration_locks_and_purge_over_the_network() {
     let r = tool("tardis-tools", &d, "other", "pw2", &kh, &["purge".as_ref(), "--set".as_ref(), "three".as_ref()]);
     assert!(!r.status.success(), "host other cannot purge host h's set three");
 }
+
+#[test]
+fn a_daemon_low_on_space_purges_the_oldest_lowest_priority_sets() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh, srv) = (work.path().join("src"), work.path().join("known_hosts"), work.path().join("srv"));
+    fs::create_dir_all(&src).unwrap();
+    fs::create_dir_all(&srv).unwrap();
+    // A small file system of its own, so "low on space" is real.
+    let st =
+        Command::new("mount").args(["-t", "tmpfs", "-o", "size=48m", "tardis-space", srv.to_str().unwrap()]).status();
+    assert!(st.is_ok_and(|s| s.success()), "mounting a tmpfs (the tests run as root)");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&srv);
+    let d = Daemon::start(
+        &srv.join("db"),
+        "AllowNewHosts = yes\nMinFreeSpace = 20M\nSpaceCheckInterval = 1\nCompactInterval = 0",
+    );
+    fs::write(src.join("small"), noise(100_000, 1)).unwrap();
+    let r = backup(&d, "b", "pw", &kh, &["--create", "--name", "only"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    for i in 1..=4u64 {
+        fs::write(src.join("big"), noise(8_000_000, 100 + i)).unwrap();
+        let name = format!("s{i}");
+        let extra: Vec<&str> = if i == 1 { vec!["--create"] } else { vec![] };
+        let mut args = extra;
+        args.extend(["--name", &name, "--priority", "10"]);
+        let r = backup(&d, "a", "pw", &kh, &args, &src);
+        assert!(r.status.success(), "backup {name}: {}", stderr(&r));
+    }
+    let free =
+        || nix::sys::statvfs::statvfs(&srv).map(|s| s.blocks_available() as u64 * s.fragment_size() as u64).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while free() < 20 << 20 {
+        assert!(Instant::now() < deadline, "free space never got back above the floor: {} bytes\n{}", free(), d.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = d.log();
+    assert!(log.contains("disk low: purged set"), "{log}");
+    let names = |host: &str, pw: &str| -> Vec<String> {
+        let r = tool("tardis-tools", &d, host, pw, &kh, &["sets".as_ref(), "--json".as_ref()]);
+        String::from_utf8_lossy(&r.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let a = names("a", "pw");
+    assert!(a.len() < 4 && a.last().map(String::as_str) == Some("s4"), "oldest purged first, the latest kept: {a:?}");
+    assert!(a.iter().all(|n| ["s2", "s3", "s4"].contains(&n.as_str())), "{a:?}");
+    assert_eq!(names("b", "pw"), ["only"], "a host's only set is never purged");
+    let out = work.path().join("out");
+    let r = tool("regenerate", &d, "a", "pw", &kh, &["-o".as_ref(), out.as_os_str(), src.as_os_str()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_same(&manifest(&src), &manifest(&out), "the latest set after purging for space");
+}
