@@ -62,6 +62,8 @@ impl MinFree {
 }
 
 /// Free and total bytes of the file system holding `path` (free as an unprivileged user sees it).
+// The statvfs field types differ between platforms (u64 here, u32 on some 32-bit ones).
+#[allow(clippy::unnecessary_cast)]
 fn space(path: &Path) -> std::io::Result<(u64, u64)> {
     let s = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
     let frsize = s.fragment_size() as u64;

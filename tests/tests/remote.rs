@@ -499,8 +499,7 @@ fn a_daemon_low_on_space_purges_the_oldest_lowest_priority_sets() {
         let r = backup(&d, "a", "pw", &kh, &args, &src);
         assert!(r.status.success(), "backup {name}: {}", stderr(&r));
     }
-    let free =
-        || nix::sys::statvfs::statvfs(&srv).map(|s| s.blocks_available() as u64 * s.fragment_size() as u64).unwrap();
+    let free = || nix::sys::statvfs::statvfs(&srv).map(|s| s.blocks_available() * s.fragment_size()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while free() < 20 << 20 {
         assert!(Instant::now() < deadline, "free space never got back above the floor: {} bytes\n{}", free(), d.log());
