@@ -172,15 +172,5 @@ pub fn args() -> Vec<OsString> {
 
 /// Prints an error chain the way every Tardis program does: `program: what: why: cause`.
 pub fn report(program: &str, err: &dyn std::error::Error) {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let s_msg = s.to_string();
-        if !msg.contains(&s_msg) {
-            msg.push_str(": ");
-            msg.push_str(&s_msg);
-        }
-        source = s.source();
-    }
-    eprintln!("{program}: {msg}");
+    eprintln!("{program}: {}", tardis_core::chain(err));
 }

@@ -49,3 +49,19 @@ impl Error {
 pub fn random_bytes(buf: &mut [u8]) -> Result<()> {
     getrandom::getrandom(buf).map_err(|e| Error::Random(e.to_string()))
 }
+
+/// An error and its sources on one line, `what: why: cause`, leaving out a source whose text
+/// its parent already includes. Every Tardis program reports errors this way.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}

@@ -30,7 +30,7 @@ pub mod meta;
 pub mod retention;
 pub mod view;
 
-pub use error::{random_bytes, Error, Result};
+pub use error::{chain, random_bytes, Error, Result};
 
 /// Version of the repository format that this build writes. Readers refuse higher versions.
 pub const FORMAT_VERSION: u16 = 1;

@@ -2,7 +2,7 @@
 //! exchanges, and one task per request stream once logged in. Requests run on tokio's
 //! blocking pool (the repository does synchronous disk I/O), under a global memory budget.
 
-use crate::service::{Refusal, Service, Session};
+use crate::service::{LoginAttempt, Refusal, Service, Session};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -184,12 +184,16 @@ async fn login(conn: &quinn::Connection, peer: SocketAddr, shared: &Arc<Shared>)
             Request::KeyHeader { host } => {
                 service.key_header(&host).map(|header| (None, Response::KeyHeader { header: header.map(Into::into) }))
             }
-            Request::Login { host, client, session, proof } => service
-                .login(&host, &binding, &proof, session, client, peer)
-                .map(|(s, info)| (Some(s), Response::LoggedIn { info })),
-            Request::CreateHost { host, host_id, key, client, session, proof } => service
-                .create_host(&host, host_id, key, &binding, &proof, session, client, peer)
-                .map(|(s, info)| (Some(s), Response::LoggedIn { info })),
+            Request::Login { host, client, session, proof } => {
+                let attempt = LoginAttempt { binding, proof: proof.into_vec(), token: session, client, peer };
+                service.login(&host, attempt).map(|(s, info)| (Some(s), Response::LoggedIn { info }))
+            }
+            Request::CreateHost { host, host_id, key, client, session, proof } => {
+                let attempt = LoginAttempt { binding, proof: proof.into_vec(), token: session, client, peer };
+                service
+                    .create_host(&host, host_id, key, attempt)
+                    .map(|(s, info)| (Some(s), Response::LoggedIn { info }))
+            }
             other => Err(Refusal::new(ErrorCode::Protocol, format!("log in before {}", other.name()))),
         })
         .await

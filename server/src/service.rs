@@ -34,29 +34,15 @@ impl From<tardis_core::Error> for Refusal {
     fn from(e: tardis_core::Error) -> Refusal {
         match e {
             tardis_core::Error::NotFound(what) => Refusal::new(ErrorCode::NotFound, what),
-            other => Refusal::new(ErrorCode::Refused, chain(&other)),
+            other => Refusal::new(ErrorCode::Refused, tardis_core::chain(&other)),
         }
     }
 }
 
 impl From<tardis_log::Error> for Refusal {
     fn from(e: tardis_log::Error) -> Refusal {
-        Refusal::new(ErrorCode::Refused, chain(&e))
+        Refusal::new(ErrorCode::Refused, tardis_core::chain(&e))
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
 }
 
 type Reply<T> = std::result::Result<T, Refusal>;
@@ -88,6 +74,17 @@ impl Host {
     pub fn repo(&self) -> &Repo {
         &self.repo
     }
+}
+
+/// What a client presents to log in: its proof for this connection's binding, its run's
+/// token, who it is and where it connects from.
+#[derive(Debug, Clone)]
+pub struct LoginAttempt {
+    pub binding: [u8; BINDING_LEN],
+    pub proof: Vec<u8>,
+    pub token: SessionToken,
+    pub client: ClientInfo,
+    pub peer: SocketAddr,
 }
 
 /// A logged-in connection's view: its host and its run.
@@ -186,15 +183,7 @@ impl Service {
     }
 
     /// Checks a login proof and returns the session.
-    pub fn login(
-        &self,
-        name: &str,
-        binding: &[u8; BINDING_LEN],
-        proof: &[u8],
-        token: SessionToken,
-        client: ClientInfo,
-        peer: SocketAddr,
-    ) -> Reply<(Session, HostInfo)> {
+    pub fn login(&self, name: &str, a: LoginAttempt) -> Reply<(Session, HostInfo)> {
         let no_host = || Refusal::new(ErrorCode::NoHost, format!("host {name} does not exist on this server"));
         let host = self.host(name, false)?.ok_or_else(no_host)?;
         let info = host.repo.host()?.ok_or_else(no_host)?;
@@ -208,27 +197,22 @@ impl Service {
                 ),
             ));
         };
-        if !login::check(&verifier, name, binding, proof) {
-            tracing::warn!(host = name, %peer, "failed login");
+        if !login::check(&verifier, name, &a.binding, &a.proof) {
+            tracing::warn!(host = name, peer = %a.peer, "failed login");
             return Err(Refusal::new(ErrorCode::Auth, format!("wrong password for host {name}")));
         }
-        tracing::info!(host = name, %peer, %client, "login");
-        self.attach(&host, token);
-        Ok((Session { host, token, client, peer }, info))
+        tracing::info!(host = name, peer = %a.peer, client = %a.client, "login");
+        self.attach(&host, a.token);
+        Ok((Session { host, token: a.token, client: a.client, peer: a.peer }, info))
     }
 
     /// Creates a host and logs in as it.
-    #[allow(clippy::too_many_arguments)]
     pub fn create_host(
         &self,
         name: &str,
         host_id: HostId,
         key: HostKey,
-        binding: &[u8; BINDING_LEN],
-        proof: &[u8],
-        token: SessionToken,
-        client: ClientInfo,
-        peer: SocketAddr,
+        a: LoginAttempt,
     ) -> Reply<(Session, HostInfo)> {
         if !self.allow_new_hosts {
             return Err(Refusal::new(
@@ -240,7 +224,7 @@ impl Service {
             ));
         }
         // The proof shows the creator holds the key behind the verifier it registers.
-        if !login::check(&key.verifier, name, binding, proof) {
+        if !login::check(&key.verifier, name, &a.binding, &a.proof) {
             return Err(Refusal::new(ErrorCode::Auth, "the new host's login proof does not match its verifier"));
         }
         let host = self.host(name, true)?.expect("created on demand");
@@ -248,9 +232,9 @@ impl Service {
             return Err(Refusal::new(ErrorCode::Refused, format!("host {name} already exists; log in instead")));
         }
         let info = host.repo.create_host(host_id, Some(key))?;
-        tracing::info!(host = name, %peer, %client, "created host");
-        self.attach(&host, token);
-        Ok((Session { host, token, client, peer }, info))
+        tracing::info!(host = name, peer = %a.peer, client = %a.client, "created host");
+        self.attach(&host, a.token);
+        Ok((Session { host, token: a.token, client: a.client, peer: a.peer }, info))
     }
 
     /// Counts a new connection of a run that holds its host's lease (a reconnect).
