@@ -523,3 +523,62 @@ fn a_daemon_low_on_space_purges_the_oldest_lowest_priority_sets() {
     assert!(r.status.success(), "{}", stderr(&r));
     assert_same(&manifest(&src), &manifest(&out), "the latest set after purging for space");
 }
+
+/// Whether `needle` occurs in any file below `dir`.
+fn found_below(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().map(|e| e.unwrap()) {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            } else if fs::read(&p).unwrap().windows(needle.len()).any(|w| w == needle) {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn the_server_never_holds_names_contents_or_the_password() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    let name = "Quarterly-Report-Zebra-7731.txt";
+    let marker = b"PLAINTEXT-MARKER-5d41402abc4b2a76";
+    let password = "correct-horse-battery-staple-42";
+    fs::create_dir_all(src.join("Private-Folder-Okapi")).unwrap();
+    // Incompressible bytes around the marker, so that compression alone cannot hide it.
+    let mut content = noise(200_000, 77);
+    content[100_000..100_000 + marker.len()].copy_from_slice(marker);
+    fs::write(src.join("Private-Folder-Okapi").join(name), &content).unwrap();
+
+    let d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes\nLogLevel = trace");
+    let r = backup(&d, "h", password, &kh, &["--create"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let out = work.path().join("out");
+    let r = tool("regenerate", &d, "h", password, &kh, &["-o".as_ref(), out.as_os_str(), src.as_os_str()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    // Everything the server keeps: repositories, index, certificate, and its log.
+    let mut server_side = found_below(&d.db, marker);
+    for needle in [name.as_bytes(), b"Private-Folder-Okapi", password.as_bytes()] {
+        server_side.extend(found_below(&d.db, needle));
+        assert!(!d.log().as_bytes().windows(needle.len()).any(|w| w == needle), "the daemon's log holds a secret");
+    }
+    assert!(server_side.is_empty(), "plaintext on the server: {server_side:?}");
+
+    // The same search does find them in an unencrypted repository: it is not blind.
+    let plain_db = work.path().join("plain");
+    let args: Vec<&OsStr> = vec![
+        "--local".as_ref(),
+        "--db".as_ref(),
+        plain_db.as_os_str(),
+        "--host".as_ref(),
+        "p".as_ref(),
+        src.as_os_str(),
+    ];
+    let r = run("tardis", &args);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(!found_below(&plain_db, marker).is_empty() && !found_below(&plain_db, name.as_bytes()).is_empty());
+}
