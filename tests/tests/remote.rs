@@ -582,3 +582,56 @@ fn the_server_never_holds_names_contents_or_the_password() {
     assert!(r.status.success(), "{}", stderr(&r));
     assert!(!found_below(&plain_db, marker).is_empty() && !found_below(&plain_db, name.as_bytes()).is_empty());
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_flood_of_connections_is_refused_beyond_the_limit_and_memory_stays_bounded() {
+    use std::sync::Arc;
+    use tardis_net::tls::{client_config, Trust};
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), noise(1_000_000, 5)).unwrap();
+    let d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes\nMaxConnections = 8");
+    let r = backup(&d, "h", "pw", &kh, &["--create"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let before = rss_kib(d.pid());
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let scratch = work.path().join("raw_known_hosts");
+    let (tls, _) = client_config(&Trust::KnownHosts(scratch), "ignored").unwrap();
+    let quic = Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap());
+    let (held, refused) = rt.block_on(async {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(quinn::ClientConfig::new(quic));
+        let addr = format!("127.0.0.1:{}", d.port).parse().unwrap();
+        let (mut held, mut refused) = (Vec::new(), 0);
+        for _ in 0..64 {
+            match tokio::time::timeout(Duration::from_secs(5), ep.connect(addr, "localhost").unwrap()).await {
+                Ok(Ok(c)) => held.push(c),
+                _ => refused += 1,
+            }
+        }
+        (held, refused)
+    });
+    assert!(held.len() <= 8 && refused >= 56, "{} connections held, {refused} refused", held.len());
+    // While the slots are taken, a real client is turned away too; once they go, it gets in.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = backup(&d, "h", "pw", &kh, &[], &src);
+        if r.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the daemon never served again: {}", stderr(&r));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after = rss_kib(d.pid());
+    eprintln!("daemon RSS: {before} KiB before the flood, {after} KiB after");
+    assert!(after < before + 64 * 1024, "the flood grew the daemon by {} KiB", after - before);
+}
