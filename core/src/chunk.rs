@@ -118,8 +118,11 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// An insertion changes at most the chunks around it: every chunk that starts well after
-        /// the edit is found again, shifted by the insertion's length.
+        /// An insertion changes only the chunks around it: once a cut point after the edit
+        /// coincides with an old one (shifted by the insertion), every later chunk is the same
+        /// as before, since cutting depends only on the bytes from the previous cut on. How soon
+        /// that happens is a matter of probability (the minimum-size skip can miss old cuts a few
+        /// times in a row), so the test asserts that it happens, not a fixed distance.
         #[test]
         fn boundaries_stable_under_insertion(
             seed in any::<u64>(),
@@ -136,12 +139,16 @@ mod tests {
             let after: std::collections::HashSet<(usize, usize)> = c
                 .split(&edited)
                 .into_iter()
-                .map(|(o, l)| (o - insert.len().min(o), l))
+                .filter(|(o, _)| *o >= at + insert.len())
+                .map(|(o, l)| (o - insert.len(), l))
                 .collect();
-            // Past two maximum chunk lengths after the edit the cut points must have resynchronised.
-            let horizon = at + 2 * SMALL.max as usize;
-            for (off, len) in before.into_iter().filter(|(o, _)| *o >= horizon) {
-                prop_assert!(after.contains(&(off, len)), "chunk at {} lost after insert at {}", off, at);
+            let after_starts: std::collections::HashSet<usize> = after.iter().map(|(o, _)| *o).collect();
+            let resync = before.iter().map(|(o, _)| *o).find(|o| *o > at && after_starts.contains(o));
+            // With 1 KiB chunks, 80 KB after the edit give ~80 chances to meet an old cut.
+            prop_assert!(resync.is_some(), "cut points never met again after an insert at {}", at);
+            let resync = resync.unwrap_or_default();
+            for (off, len) in before.into_iter().filter(|(o, _)| *o >= resync) {
+                prop_assert!(after.contains(&(off, len)), "chunk at {} lost after resync at {}", off, resync);
             }
         }
 
