@@ -498,3 +498,36 @@ fn a_remote_mount_shows_the_sets_of_a_tardisd() {
     assert!(st.success());
     assert!(wait_exit(m.child()).success(), "{}", m.log());
 }
+
+#[test]
+fn purged_sets_leave_the_mount_and_compacted_sets_read_back() {
+    if !fuse_usable() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (src, db, mnt) = (work.path().join("src"), work.path().join("db"), work.path().join("mnt"));
+    fs::create_dir_all(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let mut kept = BTreeMap::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        fs::write(src.join("data"), noise(300_000, i as u64)).unwrap();
+        backup(&db, &src, name);
+        kept.insert(*name, manifest(&src));
+    }
+    let tools = |args: &[&str]| {
+        let mut all = vec!["--db", db.to_str().unwrap(), "--host", "h", "--password", "pw"];
+        all.extend_from_slice(args);
+        let out = run_s("tardis-tools", &all);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    tools(&["purge", "--set", "b"]);
+    kept.remove("b");
+    tools(&["compact", "--threshold", "0.9"]);
+
+    let opts = format!("database={},host=h,password=pw", db.display());
+    let _mount = Mounted::foreground(&opts, &mnt, &work.path().join("tardisfs.log"));
+    assert_eq!(names(&mnt), [".versions", "Current", "a", "c"], "the purged set is gone");
+    for (set, expected) in &kept {
+        assert_same(expected, &mounted_manifest(&inside(&mnt.join(set), &src)), set);
+    }
+}
