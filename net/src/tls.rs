@@ -65,6 +65,17 @@ impl ServerIdentity {
         fingerprint(&self.chain[0])
     }
 
+    /// A secret derived from the private key, the same on every start with the same key. The
+    /// server keys its QUIC stateless resets with it, so that after a restart (or a crash) a
+    /// client's packets for a connection the server no longer knows get a reset it accepts,
+    /// and it reconnects at once instead of waiting out the idle timeout.
+    pub fn reset_secret(&self) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"tardisd stateless reset key v1\0");
+        ctx.update(self.key.secret_der());
+        ctx.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
+    }
+
     /// The rustls configuration for QUIC: TLS 1.3 only, our ALPN, and no 0-RTT (early data
     /// could be replayed).
     pub fn server_config(&self) -> Result<rustls::ServerConfig> {

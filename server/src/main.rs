@@ -213,15 +213,20 @@ fn bind(config: &Config, identity: &tls::ServerIdentity) -> anyhow::Result<quinn
     server.transport_config(Arc::new(transport::transport_config()));
     let ip: IpAddr = config.listen.parse().context("Listen address")?;
     let addr = SocketAddr::new(ip, config.port);
-    match quinn::Endpoint::server(server.clone(), addr) {
-        Ok(e) => Ok(e),
+    let socket = match std::net::UdpSocket::bind(addr) {
+        Ok(s) => s,
         // A system without IPv6: the default "::" falls back to all IPv4 addresses.
         Err(e) if ip == IpAddr::from([0u16; 8]) && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
-            quinn::Endpoint::server(server, SocketAddr::new(IpAddr::from([0u8; 4]), config.port))
-                .with_context(|| format!("listening on UDP port {}", config.port))
+            std::net::UdpSocket::bind(SocketAddr::new(IpAddr::from([0u8; 4]), config.port))
+                .with_context(|| format!("listening on UDP port {}", config.port))?
         }
-        Err(e) => Err(e).with_context(|| format!("listening on UDP {addr} (is another tardisd running?)")),
-    }
+        Err(e) => return Err(e).with_context(|| format!("listening on UDP {addr} (is another tardisd running?)")),
+    };
+    // Stateless resets keyed by the server's identity stay valid across restarts.
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &identity.reset_secret());
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    quinn::Endpoint::new(endpoint_config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+        .context("starting the QUIC endpoint")
 }
 
 async fn wait_for_signal() {

@@ -123,6 +123,13 @@ impl Daemon {
         }
     }
 
+    /// Waits for a daemon that was killed from outside (SIGKILL) and forgets it.
+    pub fn reap(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
     /// Starts the daemon again on the same port with the same configuration.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the daemon before restarting it");

@@ -260,6 +260,14 @@ fn daemon_detaches_with_a_pidfile_and_stops_on_sigterm() {
     let r = Command::new(bin("tardisd")).arg("--config").arg(&cfg).arg("--pidfile").arg(&pidfile).output().unwrap();
     assert!(r.status.success(), "{}", stderr(&r));
     let pid: i32 = fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    // Whatever happens below, the background daemon does not outlive the test.
+    struct Reaper(i32);
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let _reaper = Reaper(pid);
     let alive = |p: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok();
     assert!(alive(pid));
     // A second daemon with the same pidfile is refused.

@@ -1,0 +1,237 @@
+//! Crash injection with real processes: a real `tardisd` and the real `tardis`,
+//! `tardis-tools purge` and `tardis-tools compact`, each killed with SIGKILL at a seeded random
+//! moment, again and again on one repository. After every crash the daemon restarts, and at
+//! checkpoints `verify --read-data` must pass and every set that completed must restore
+//! bit-exact to the tree it was taken from (the ledger). Sets that a killed run may or may not
+//! have completed are judged by what the repository says: if it lists the set, the set must be
+//! whole.
+//!
+//! Each crash point prints its seed and what it killed; `TARDIS_CRASH_SEED` repeats a run and
+//! `TARDIS_CRASH_POINTS` changes how many points it has (CI: 50).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tardis_tests::server::{client_args, Daemon};
+use tardis_tests::{assert_same, bin, manifest, noise, Entry};
+
+/// A small seeded generator (SplitMix64): the test's only source of randomness.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Changes a few files of the source tree: rewrites, adds and deletes.
+fn mutate(src: &Path, rng: &mut Rng) {
+    for _ in 0..3 {
+        let f = src.join(format!("f{:02}", rng.below(16)));
+        match rng.below(4) {
+            0 if f.exists() => fs::remove_file(&f).unwrap(),
+            _ => fs::write(&f, noise(64 * 1024 + rng.below(512 * 1024) as usize, rng.next())).unwrap(),
+        }
+    }
+}
+
+fn sigkill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn live_sets(d: &Daemon, kh: &Path) -> Vec<String> {
+    let out = Command::new(bin("tardis-tools"))
+        .args(client_args("127.0.0.1", d.port, "h", "pw", kh))
+        .args(["sets", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "listing sets: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["state"] == "complete")
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// With the daemon stopped: `verify --read-data` passes, and every listed set restores to
+/// its ledger entry.
+fn check(d: &mut Daemon, ledger: &BTreeMap<String, BTreeMap<Vec<u8>, Entry>>, src: &Path, work: &Path) {
+    // Stopped first: a request of a killed client may still be running on the server.
+    assert!(d.stop().success(), "the daemon stops cleanly:\n{}", d.log());
+    let out = Command::new(bin("tardis-tools"))
+        .arg("--db")
+        .arg(&d.db)
+        .args(["--host", "h", "--password", "pw", "sets", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "listing sets: {}", stderr(&out));
+    // Completed sets only: a killed backup leaves its set open or abandoned, never shown.
+    let sets: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["state"] == "complete")
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect();
+    let v = Command::new(bin("tardis-tools"))
+        .arg("--db")
+        .arg(&d.db)
+        .args(["--host", "h", "--password", "pw", "verify", "--read-data"])
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "verify after crashes: {}{}", String::from_utf8_lossy(&v.stdout), stderr(&v));
+    for name in &sets {
+        let want = ledger.get(name).unwrap_or_else(|| panic!("set {name} is listed but was never attempted"));
+        let out = work.join(format!("restore-{name}"));
+        let r = Command::new(bin("regenerate"))
+            .arg("--db")
+            .arg(&d.db)
+            .args(["--host", "h", "--password", "pw", "--set", name, "-o"])
+            .arg(&out)
+            .arg(src)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "regenerate {name}: {}", stderr(&r));
+        assert_same(want, &manifest(&out), &format!("set {name} after crashes"));
+        fs::remove_dir_all(&out).unwrap();
+    }
+    d.restart();
+}
+
+#[test]
+fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_set() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    let base_seed = env_u64("TARDIS_CRASH_SEED", 20261127);
+    let points = env_u64("TARDIS_CRASH_POINTS", 50);
+    eprintln!("crash test: TARDIS_CRASH_SEED={base_seed} TARDIS_CRASH_POINTS={points}");
+    let mut rng = Rng(base_seed);
+    for i in 0..16 {
+        fs::write(src.join(format!("f{i:02}")), noise(128 * 1024, i)).unwrap();
+    }
+    // No scheduled compaction: compaction is driven (and killed) by the test.
+    let mut d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes\nCompactInterval = 0\nSessionTimeout = 1");
+    let mut ledger: BTreeMap<String, BTreeMap<Vec<u8>, Entry>> = BTreeMap::new();
+    let client = |d: &Daemon, extra: &[&str]| {
+        let mut c = Command::new(bin("tardis"));
+        c.args(client_args("127.0.0.1", d.port, "h", "pw", &kh)).args(["--retry-for", "3"]).args(extra);
+        c
+    };
+    let r = client(&d, &["--create", "--name", "base"]).arg(&src).output().unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    ledger.insert("base".into(), manifest(&src));
+
+    let mut kills = BTreeMap::<&str, u32>::new();
+    for point in 0..points {
+        let seed = rng.next();
+        let mut prng = Rng(seed);
+        let delay = Duration::from_millis(prng.below(700));
+        let kind = prng.below(10);
+        let what = if kind < 6 {
+            "backup"
+        } else if kind < 8 {
+            "purge"
+        } else {
+            "compact"
+        };
+        let kill_daemon = what != "compact" && prng.below(2) == 0;
+        eprintln!(
+            "point {point}: seed {seed}: {what}, SIGKILL {} after {delay:?}",
+            if kill_daemon { "tardisd" } else { "the client" }
+        );
+        match what {
+            "backup" => {
+                mutate(&src, &mut prng);
+                let name = format!("c{point}");
+                ledger.insert(name.clone(), manifest(&src));
+                let mut child = client(&d, &["--name", &name])
+                    .arg(&src)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                std::thread::sleep(delay);
+                if kill_daemon {
+                    let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    d.reap();
+                    d.restart();
+                    // The client reconnects within --retry-for and finishes, or gives up.
+                    let _ = child.wait();
+                } else {
+                    sigkill(&mut child);
+                }
+            }
+            "purge" => {
+                let sets = live_sets(&d, &kh);
+                if sets.len() < 3 {
+                    continue;
+                }
+                let victim = &sets[prng.below(sets.len() as u64 - 1) as usize];
+                let mut child = Command::new(bin("tardis-tools"))
+                    .args(client_args("127.0.0.1", d.port, "h", "pw", &kh))
+                    .args(["purge", "--set", victim])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                std::thread::sleep(delay / 4);
+                if kill_daemon {
+                    let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    d.reap();
+                    d.restart();
+                    let _ = child.wait();
+                } else {
+                    sigkill(&mut child);
+                }
+            }
+            _ => {
+                assert!(d.stop().success(), "{}", d.log());
+                let mut child = Command::new(bin("tardis-tools"))
+                    .arg("--db")
+                    .arg(&d.db)
+                    .args(["--host", "h", "--password", "pw", "compact", "--threshold", "0.9"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                std::thread::sleep(delay / 2);
+                sigkill(&mut child);
+                d.restart();
+            }
+        }
+        *kills.entry(what).or_default() += 1;
+        if point % 25 == 24 {
+            check(&mut d, &ledger, &src, work.path());
+        }
+    }
+    eprintln!("crash points by operation: {kills:?}; sets listed at the end: {}", live_sets(&d, &kh).len());
+    let started = Instant::now();
+    // A last backup after all the crashes works and restores.
+    let r = client(&d, &["--name", "final"]).arg(&src).output().unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    ledger.insert("final".into(), manifest(&src));
+    check(&mut d, &ledger, &src, work.path());
+    eprintln!("final backup and check: {:?}", started.elapsed());
+}
