@@ -77,8 +77,13 @@ impl Link {
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid address");
         let endpoint = {
             let _guard = rt.enter();
-            quinn::Endpoint::client(bind)
-                .map_err(|e| Error::Connect { server: server.clone(), reason: format!("opening a UDP socket: {e}") })?
+            let no_socket = |e: std::io::Error| Error::Connect {
+                server: server.clone(),
+                reason: format!("opening a UDP socket: {e}"),
+            };
+            let socket = transport::udp_socket(bind).map_err(no_socket)?;
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
+                .map_err(no_socket)?
         };
         Ok(Link { rt, endpoint, opts, addr })
     }

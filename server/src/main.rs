@@ -213,11 +213,11 @@ fn bind(config: &Config, identity: &tls::ServerIdentity) -> anyhow::Result<quinn
     server.transport_config(Arc::new(transport::transport_config()));
     let ip: IpAddr = config.listen.parse().context("Listen address")?;
     let addr = SocketAddr::new(ip, config.port);
-    let socket = match std::net::UdpSocket::bind(addr) {
+    let socket = match transport::udp_socket(addr) {
         Ok(s) => s,
         // A system without IPv6: the default "::" falls back to all IPv4 addresses.
         Err(e) if ip == IpAddr::from([0u16; 8]) && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
-            std::net::UdpSocket::bind(SocketAddr::new(IpAddr::from([0u8; 4]), config.port))
+            transport::udp_socket(SocketAddr::new(IpAddr::from([0u8; 4]), config.port))
                 .with_context(|| format!("listening on UDP port {}", config.port))?
         }
         Err(e) => return Err(e).with_context(|| format!("listening on UDP {addr} (is another tardisd running?)")),
