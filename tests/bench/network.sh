@@ -21,7 +21,9 @@
 # throughput ratio (issue 8).
 # Recorded per step: wall time (with a `sync` on the server's disk afterwards), exit status,
 # client peak RSS (/usr/bin/time -v), bytes through the client's interface both ways (`ip -s
-# link`; on loopback, bytes through `lo`, both directions counted once), and for Tardis the
+# link`; on loopback, bytes through `lo`, both directions counted once), packets the loss rules
+# dropped, UDP datagrams dropped at a full socket receive buffer (RcvbufErrors in /proc/net/snmp
+# of both namespaces: a loss that the link did not cause), and for Tardis the
 # daemon's peak RSS (VmHWM of a daemon started fresh for each link and tool; read after v1 and
 # after v2). The page cache is warm (the live tree is read once before each phase): this measures
 # the network path, not the disk. This kernel has no netem, so no delay can be added for the TCP
@@ -131,6 +133,20 @@ for link in links:
                 out.append(f"{tx / 1e6:.1f} / {rx / 1e6:.1f}")
         print(f"| {label(link)} | {phase} | " + " | ".join(out) + " |")
 print()
+if any(r.get("udp_rcvbuf_errors") for r in rows):
+    print("**UDP datagrams dropped at a full socket receive buffer** (`UdpRcvbufErrors` of both namespaces, median; a loss the link did not cause)")
+    print()
+    print("| link | phase | tardis | tardis-cubic |")
+    print("|---|---|---:|---:|")
+    for link in links:
+        for phase in ("v1", "v2"):
+            out = []
+            for t in ("tardis", "tardis-cubic"):
+                m, _, n = med(link, t, phase, "udp_rcvbuf_errors")
+                out.append("-" if m is None else f"{m:.0f}")
+            if out != ["-", "-"]:
+                print(f"| {label(link)} | {phase} | " + " | ".join(out) + " |")
+    print()
 print("**Peak RSS, MiB, median**: `tardisd` (VmHWM after v1 = during the initial backup) and the clients (v1)")
 print()
 print("| link | tardisd (BBR) | tardisd (CUBIC) | tardis client | rsync client | restic client |")
@@ -232,6 +248,14 @@ table ip netbench {
 EOF
     done
 }
+rcvbuf_errors() { # UDP datagrams both namespaces dropped at a full socket receive buffer so far
+    local ns n=0 c
+    for ns in "$NS_C" "$NS_S"; do
+        c=$(ip netns exec "$ns" awk '/^Udp:/ {if (h) {print $f; exit} for (i = 1; i <= NF; i++) if ($i == "RcvbufErrors") f = i; h = 1}' /proc/net/snmp)
+        n=$((n + ${c:-0}))
+    done
+    echo "$n"
+}
 dropped() { # packets dropped by both loss rules so far
     local ns n=0 c
     for ns in "$NS_C" "$NS_S"; do
@@ -328,23 +352,23 @@ counters() {
 warm() { find "$LIVE" -type f -print0 | xargs -0 -r cat > /dev/null; }
 
 CSV=$RESULTS_DIR/steps.csv
-echo "link,tool,phase,run,wall_s,rc,client_rss_kb,tx_bytes,rx_bytes,server_hwm_kb,dropped" > "$CSV"
+echo "link,tool,phase,run,wall_s,rc,client_rss_kb,tx_bytes,rx_bytes,server_hwm_kb,dropped,udp_rcvbuf_errors" > "$CSV"
 # step TOOL PHASE CMD... (runs CMD in the client's namespace; fields come from globals LINK, RUN)
 step() {
     local tool=$1 phase=$2; shift 2
     local tag=$LINK-$tool-$phase-r$RUN
-    local tf=$RESULTS_DIR/logs/$tag.time lf=$RESULTS_DIR/logs/$tag.log t0 t1 rc c0 c1 d0 d1 hwm=''
+    local tf=$RESULTS_DIR/logs/$tag.time lf=$RESULTS_DIR/logs/$tag.log t0 t1 rc c0 c1 d0 d1 u0 u1 hwm=''
     log "$tag: $*"
-    c0=$(counters); d0=$(dropped)
+    c0=$(counters); d0=$(dropped); u0=$(rcvbuf_errors)
     t0=$(date +%s.%N)
     timeout -k 10 "$STEP_TIMEOUT" ip netns exec "$CLIENT_NS" /usr/bin/time -v -o "$tf" "$@" > "$lf" 2>&1 && rc=0 || rc=$?
     sync -f "$WORK/srv"
     t1=$(date +%s.%N)
-    c1=$(counters); d1=$(dropped)
+    c1=$(counters); d1=$(dropped); u1=$(rcvbuf_errors)
     [[ $tool == tardis || $tool == tardis-cubic ]] && hwm=$(hwm_kb "$TARDISD_PID")
     local rss; rss=$(grep -F 'Maximum resident' "$tf" 2>/dev/null | awk -F': ' '{print $2}' || true)
     local line
-    line="$LINK,$tool,$phase,$RUN,$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}'),$rc,${rss:-},$(awk -v a="$c0" -v b="$c1" 'BEGIN{split(a,x," "); split(b,y," "); printf "%d,%d", y[1]-x[1], y[2]-x[2]}'),$hwm,$((d1 - d0))"
+    line="$LINK,$tool,$phase,$RUN,$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}'),$rc,${rss:-},$(awk -v a="$c0" -v b="$c1" 'BEGIN{split(a,x," "); split(b,y," "); printf "%d,%d", y[1]-x[1], y[2]-x[2]}'),$hwm,$((d1 - d0)),$((u1 - u0))"
     echo "$line" >> "$CSV"
     if [[ $rc != 0 ]]; then
         log "$tag FAILED (rc=$rc; 124 = killed after ${STEP_TIMEOUT}s); last lines of $lf:"
