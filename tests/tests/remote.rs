@@ -643,3 +643,84 @@ fn a_flood_of_connections_is_refused_beyond_the_limit_and_memory_stays_bounded()
     eprintln!("daemon RSS: {before} KiB before the flood, {after} KiB after");
     assert!(after < before + 64 * 1024, "the flood grew the daemon by {} KiB", after - before);
 }
+
+#[test]
+fn a_ca_signed_server_is_trusted_with_ca_and_two_hosts_back_up_at_once() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let work = tempfile::tempdir().unwrap();
+    let tls = work.path().join("tls");
+    fs::create_dir_all(&tls).unwrap();
+    // A private CA and a server certificate it issued for the address clients use.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "Tardis test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert =
+        CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+    fs::write(tls.join("ca.pem"), ca_cert.pem()).unwrap();
+    fs::write(tls.join("cert.pem"), server_cert.pem()).unwrap();
+    fs::write(tls.join("key.pem"), server_key.serialize_pem()).unwrap();
+    // Another CA, which did not issue the server's certificate.
+    let other_key = KeyPair::generate().unwrap();
+    let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    fs::write(tls.join("other-ca.pem"), other.self_signed(&other_key).unwrap().pem()).unwrap();
+
+    let config = format!(
+        "AllowNewHosts = yes\nCertFile = {}\nKeyFile = {}",
+        tls.join("cert.pem").display(),
+        tls.join("key.pem").display()
+    );
+    let d = Daemon::start(&work.path().join("srv"), &config);
+    let client = |host: &str, ca: &str, src: &Path| {
+        Command::new(bin("tardis"))
+            .args(["--server", "127.0.0.1", "--port", &d.port.to_string(), "--host", host, "--password", "pw"])
+            .arg("--ca")
+            .arg(tls.join(ca))
+            .args(["--create", "--json"])
+            .arg(src)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let trees: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|h| {
+            let src = work.path().join(format!("src-{h}"));
+            fs::create_dir_all(&src).unwrap();
+            for i in 0..6u64 {
+                fs::write(src.join(format!("f{i}")), noise(1_500_000, i + if *h == "a" { 0 } else { 100 })).unwrap();
+            }
+            src
+        })
+        .collect();
+    // Two hosts at once, both trusting the server through the CA (nothing is pinned).
+    let running: Vec<_> =
+        [("a", &trees[0]), ("b", &trees[1])].iter().map(|(h, src)| client(h, "ca.pem", src)).collect();
+    for c in running {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    for (h, src) in [("a", &trees[0]), ("b", &trees[1])] {
+        let out = work.path().join(format!("out-{h}"));
+        let r = Command::new(bin("regenerate"))
+            .args(["--server", "127.0.0.1", "--port", &d.port.to_string(), "--host", h, "--password", "pw"])
+            .arg("--ca")
+            .arg(tls.join("ca.pem"))
+            .arg("-o")
+            .arg(&out)
+            .arg(src)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", stderr(&r));
+        assert_same(&manifest(src), &manifest(&out), &format!("host {h}, backed up alongside the other"));
+    }
+    // A CA that did not issue the certificate is not trusted.
+    let r = client("a", "other-ca.pem", &trees[0]).wait_with_output().unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    assert!(stderr(&r).contains("certificate"), "{}", stderr(&r));
+}
