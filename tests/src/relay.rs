@@ -499,17 +499,28 @@ enum Sent {
     Failed,
 }
 
-/// SplitMix64: tiny, seedable, and good enough for drawing impairments; no dependency needed.
+/// SplitMix64: tiny, seedable, and good enough for drawing impairments and crash points; no
+/// dependency needed.
 #[derive(Debug)]
-struct Rng(u64);
+pub struct Rng(u64);
 
 impl Rng {
+    /// A stream that depends only on `seed`.
+    pub fn from_seed(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// A number below `n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
     fn new(seed: u64, dir: Direction) -> Self {
         // Distinct streams per direction from one seed.
         Rng(seed ^ (dir as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03))
     }
 
-    fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

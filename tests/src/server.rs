@@ -130,6 +130,13 @@ impl Daemon {
         }
     }
 
+    /// Kills the daemon with SIGKILL (a crash: no cleanup) and starts it again.
+    pub fn crash_and_restart(&mut self) {
+        let _ = kill(Pid::from_raw(self.pid() as i32), Signal::SIGKILL);
+        self.reap();
+        self.restart();
+    }
+
     /// Starts the daemon again on the same port with the same configuration.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the daemon before restarting it");

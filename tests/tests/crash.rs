@@ -14,25 +14,9 @@ use std::fs;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use tardis_tests::relay::Rng;
 use tardis_tests::server::{client_args, Daemon};
 use tardis_tests::{assert_same, bin, manifest, noise, Entry};
-
-/// A small seeded generator (SplitMix64): the test's only source of randomness.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -44,7 +28,7 @@ fn mutate(src: &Path, rng: &mut Rng) {
         let f = src.join(format!("f{:02}", rng.below(16)));
         match rng.below(4) {
             0 if f.exists() => fs::remove_file(&f).unwrap(),
-            _ => fs::write(&f, noise(64 * 1024 + rng.below(512 * 1024) as usize, rng.next())).unwrap(),
+            _ => fs::write(&f, noise(64 * 1024 + rng.below(512 * 1024) as usize, rng.next_u64())).unwrap(),
         }
     }
 }
@@ -52,6 +36,17 @@ fn mutate(src: &Path, rng: &mut Rng) {
 fn sigkill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Kills the daemon (then restarts it, and lets the client finish or give up within
+/// `--retry-for`) or the client.
+fn kill_one(d: &mut Daemon, child: &mut Child, kill_daemon: bool) {
+    if kill_daemon {
+        d.crash_and_restart();
+        let _ = child.wait();
+    } else {
+        sigkill(child);
+    }
 }
 
 fn live_sets(d: &Daemon, kh: &Path) -> Vec<String> {
@@ -125,7 +120,7 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
     let base_seed = env_u64("TARDIS_CRASH_SEED", 20261127);
     let points = env_u64("TARDIS_CRASH_POINTS", 50);
     eprintln!("crash test: TARDIS_CRASH_SEED={base_seed} TARDIS_CRASH_POINTS={points}");
-    let mut rng = Rng(base_seed);
+    let mut rng = Rng::from_seed(base_seed);
     for i in 0..16 {
         fs::write(src.join(format!("f{i:02}")), noise(128 * 1024, i)).unwrap();
     }
@@ -143,8 +138,8 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
 
     let mut kills = BTreeMap::<&str, u32>::new();
     for point in 0..points {
-        let seed = rng.next();
-        let mut prng = Rng(seed);
+        let seed = rng.next_u64();
+        let mut prng = Rng::from_seed(seed);
         let delay = Duration::from_millis(prng.below(700));
         let kind = prng.below(10);
         let mut what = if kind < 6 {
@@ -176,16 +171,7 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
                     .spawn()
                     .unwrap();
                 std::thread::sleep(delay);
-                if kill_daemon {
-                    let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                    d.reap();
-                    d.restart();
-                    // The client reconnects within --retry-for and finishes, or gives up.
-                    let _ = child.wait();
-                } else {
-                    sigkill(&mut child);
-                }
+                kill_one(&mut d, &mut child, kill_daemon);
             }
             "purge" => {
                 let victim = &sets[prng.below(sets.len() as u64 - 1) as usize];
@@ -197,15 +183,7 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
                     .spawn()
                     .unwrap();
                 std::thread::sleep(delay / 4);
-                if kill_daemon {
-                    let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                    d.reap();
-                    d.restart();
-                    let _ = child.wait();
-                } else {
-                    sigkill(&mut child);
-                }
+                kill_one(&mut d, &mut child, kill_daemon);
             }
             _ => {
                 assert!(d.stop().success(), "{}", d.log());
