@@ -116,7 +116,9 @@ fn parse_keep(value: &str) -> Option<Option<i64>> {
         _ => return None,
     };
     let n = i64::from(parse_int(&value[..value.len() - 1], 1, 100_000)?);
-    Some(Some(n * hours * 3600 * 1_000_000_000))
+    // 100,000 weeks is more nanoseconds than an i64 holds (the limit is about 15,250 weeks):
+    // saturate, since a keep time past i64::MAX is never reached by `now - finished` anyway.
+    Some(Some(n.saturating_mul(hours * 3600 * 1_000_000_000)))
 }
 
 /// The configuration of a host: every known key, with defaults filled in.
@@ -249,6 +251,22 @@ mod tests {
         let msg = validate("HourlyKept", "1d").unwrap_err().to_string();
         assert!(msg.contains("unknown configuration key \"HourlyKept\""), "{msg}");
         assert!(msg.contains("HourlyKeep, DailyPriority"), "the message names the valid keys: {msg}");
+    }
+
+    /// Found by `fuzz/when_and_host_config` with `DailyKeep = 80080w`: the keep time in
+    /// nanoseconds overflowed i64 (a panic with overflow checks; without them it wrapped, e.g.
+    /// to a negative keep for 20000w, which would purge every set of the class at once).
+    #[test]
+    fn keep_times_beyond_i64_nanoseconds_saturate_instead_of_overflowing() {
+        for v in ["80080w", "20000w", "100000w"] {
+            validate(DAILY_KEEP, v).unwrap();
+            let stored = BTreeMap::from([(DAILY_KEEP.to_owned(), v.to_owned())]);
+            let s = Config::from_stored(&stored).unwrap().schedule();
+            assert_eq!(s.keep_for(20), Some(i64::MAX), "{v}");
+        }
+        let stored = BTreeMap::from([(DAILY_KEEP.to_owned(), "15000w".to_owned())]);
+        let s = Config::from_stored(&stored).unwrap().schedule();
+        assert_eq!(s.keep_for(20), Some(15_000 * 7 * 24 * HOUR), "below the limit nothing changes");
     }
 
     #[test]
