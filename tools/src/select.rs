@@ -20,7 +20,11 @@ pub fn parse_when(s: &str) -> Result<i64> {
         "yesterday" => midnight(now.date_naive().pred_opt().ok_or_else(|| anyhow!("date out of range"))?),
         _ => {
             if let Some(n) = s.strip_suffix(" days ago").and_then(|n| n.trim().parse::<i64>().ok()) {
-                (now - chrono::Duration::days(n)).naive_local()
+                // Checked: `Duration::days` and the subtraction panic out of chrono's range.
+                chrono::Duration::try_days(n)
+                    .and_then(|d| now.checked_sub_signed(d))
+                    .ok_or_else(|| anyhow!("cannot read the time {s:?}: {n} days is out of range"))?
+                    .naive_local()
             } else if let Ok(t) = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S") {
                 t
             } else if let Ok(t) = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M") {
@@ -77,5 +81,15 @@ mod tests {
         assert!(parse_when("yesterday").unwrap() < parse_when("now").unwrap());
         assert!(parse_when("3 days ago").unwrap() < parse_when("yesterday").unwrap());
         assert!(parse_when("last tuesday").is_err());
+    }
+
+    /// Found by `fuzz/when_and_host_config` with `-7777777777731 days ago`: chrono's
+    /// `Duration::days` panicked ("TimeDelta::days out of bounds") instead of an error.
+    #[test]
+    fn day_counts_out_of_range_are_errors_not_panics() {
+        for s in ["-7777777777731 days ago", "9223372036854775807 days ago", "300000000 days ago"] {
+            let e = parse_when(s).unwrap_err().to_string();
+            assert!(e.contains("out of range"), "{s}: {e}");
+        }
     }
 }
