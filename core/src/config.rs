@@ -260,13 +260,12 @@ mod tests {
     fn keep_times_beyond_i64_nanoseconds_saturate_instead_of_overflowing() {
         for v in ["80080w", "20000w", "100000w"] {
             validate(DAILY_KEEP, v).unwrap();
-            let stored = BTreeMap::from([(DAILY_KEEP.to_owned(), v.to_owned())]);
+            assert_eq!(parse_keep(v), Some(Some(i64::MAX)), "{v}");
+            let stored = BTreeMap::from([(MONTHLY_KEEP.to_owned(), v.to_owned())]);
             let s = Config::from_stored(&stored).unwrap().schedule();
-            assert_eq!(s.keep_for(20), Some(i64::MAX), "{v}");
+            assert_eq!(s.keep_for(40), Some(i64::MAX), "{v}");
         }
-        let stored = BTreeMap::from([(DAILY_KEEP.to_owned(), "15000w".to_owned())]);
-        let s = Config::from_stored(&stored).unwrap().schedule();
-        assert_eq!(s.keep_for(20), Some(15_000 * 7 * 24 * HOUR), "below the limit nothing changes");
+        assert_eq!(parse_keep("15000w"), Some(Some(15_000 * 7 * 24 * HOUR)), "below the limit nothing changes");
     }
 
     #[test]
