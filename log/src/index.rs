@@ -48,15 +48,25 @@ const ENTRY_VERSION: u8 = 1;
 const ENTRY_HEADER: usize = 17;
 const RETIRED_PREFIX: &[u8] = b"retired/";
 
-fn entry_value(tag: u8, pos: Pos) -> Vec<u8> {
+// Row codecs. Each decoder is the one the reading paths use, public with its encoder so that
+// the fuzz targets can feed it arbitrary bytes: a damaged index is untrusted input, and must
+// give `Error::Refused` ("run rebuild-index"), never a panic.
+
+/// The value of an `entries` row: the tag, the position of the record that wrote it, and for
+/// a version its `FileVersion` payload.
+pub fn encode_entry(pos: Pos, version: Option<&FileVersion>) -> Vec<u8> {
     let mut v = Vec::with_capacity(ENTRY_HEADER + 64);
-    v.push(tag);
+    v.push(if version.is_some() { ENTRY_VERSION } else { ENTRY_DELETED });
     v.extend_from_slice(&pos.segment.to_le_bytes());
     v.extend_from_slice(&pos.offset.to_le_bytes());
+    if let Some(fv) = version {
+        v.extend_from_slice(&Event::FileVersion(fv.clone()).encode());
+    }
     v
 }
 
-fn entry_pos(value: &[u8]) -> Result<Pos> {
+/// The position of the record that wrote an `entries` row.
+pub fn entry_pos(value: &[u8]) -> Result<Pos> {
     if value.len() < ENTRY_HEADER {
         return Err(bad_value("entry", value.len()));
     }
@@ -70,6 +80,58 @@ fn retired_key(seg: u64) -> Vec<u8> {
     k
 }
 
+/// The `retired/<segment>` row of `meta`: the batch range (`first_seq`, next) a compacted
+/// segment held.
+pub fn encode_retired(seg: u64, [first, next]: [u64; 2]) -> (Vec<u8>, [u8; 16]) {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&first.to_le_bytes());
+    v[8..].copy_from_slice(&next.to_le_bytes());
+    (retired_key(seg), v)
+}
+
+/// Decodes a `retired/<segment>` row; `Ok(None)` if `key` is another `meta` key.
+pub fn decode_retired(key: &[u8], value: &[u8]) -> Result<Option<(u64, [u64; 2])>> {
+    let Some(seg) = key.strip_prefix(RETIRED_PREFIX) else { return Ok(None) };
+    let seg = u64::from_be_bytes(seg.try_into().map_err(|_| bad_value("retired key", key.len()))?);
+    if value.len() != 16 {
+        return Err(bad_value("retired range", value.len()));
+    }
+    let first = u64::from_le_bytes(value[..8].try_into().expect("8 bytes"));
+    let next = u64::from_le_bytes(value[8..].try_into().expect("8 bytes"));
+    Ok(Some((seg, [first, next])))
+}
+
+/// The `applied` value of `meta`: segment and offset, big-endian.
+pub fn encode_applied(pos: Pos) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&pos.segment.to_be_bytes());
+    v[8..].copy_from_slice(&pos.offset.to_be_bytes());
+    v
+}
+
+/// Decodes the `applied` value of `meta`.
+pub fn decode_applied(v: &[u8]) -> Result<Pos> {
+    if v.len() != 16 {
+        return Err(bad_value("applied position", v.len()));
+    }
+    let segment = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+    let offset = u64::from_be_bytes(v[8..].try_into().expect("8 bytes"));
+    Ok(Pos { segment, offset })
+}
+
+/// A row of the `sets` family: the set ID big-endian (so rows sort by set), the row as
+/// MessagePack.
+pub fn encode_set_row(id: SetId, row: &SetRow) -> ([u8; 8], Vec<u8>) {
+    (id.to_be_bytes(), rmp_serde::to_vec(row).expect("set rows encode"))
+}
+
+/// Decodes a row of the `sets` family.
+pub fn decode_set_row(key: &[u8], value: &[u8]) -> Result<(SetId, SetRow)> {
+    let id = SetId::from_be_bytes(key.try_into().map_err(|_| bad_value("set key", key.len()))?);
+    let row: SetRow = rmp_serde::from_slice(value).map_err(|_| bad_value("set row", value.len()))?;
+    Ok((id, row))
+}
+
 /// Where a chunk's record is, and its sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkLoc {
@@ -80,7 +142,7 @@ pub struct ChunkLoc {
 }
 
 impl ChunkLoc {
-    fn encode(&self) -> [u8; 25] {
+    pub fn encode(&self) -> [u8; 25] {
         let mut b = [0u8; 25];
         b[..8].copy_from_slice(&self.pos.segment.to_le_bytes());
         b[8..16].copy_from_slice(&self.pos.offset.to_le_bytes());
@@ -90,7 +152,7 @@ impl ChunkLoc {
         b
     }
 
-    fn decode(b: &[u8]) -> Result<Self> {
+    pub fn decode(b: &[u8]) -> Result<Self> {
         if b.len() != 25 {
             return Err(bad_value("chunk location", b.len()));
         }
@@ -198,6 +260,26 @@ fn entry_set(key: &[u8]) -> SetId {
     SetId::from_be_bytes(key[32..40].try_into().expect("entry keys are 40 bytes"))
 }
 
+/// Decodes an `entries` row: the version it holds, or the deletion (by the set in its key).
+pub fn decode_entry(key: &[u8], value: &[u8]) -> Result<EntryVersion> {
+    if key.len() != 40 {
+        return Err(bad_value("entry key", key.len()));
+    }
+    if value.len() < ENTRY_HEADER {
+        return Err(bad_value("entry", value.len()));
+    }
+    match value.first() {
+        Some(&ENTRY_DELETED) => Ok(EntryVersion::Deleted(entry_set(key))),
+        Some(&ENTRY_VERSION) => {
+            match Event::decode(tardis_core::event::kind::FILE_VERSION, 1, &value[ENTRY_HEADER..])? {
+                Event::FileVersion(v) => Ok(EntryVersion::Version(v)),
+                _ => Err(bad_value("entry", value.len())),
+            }
+        }
+        _ => Err(bad_value("entry", value.len())),
+    }
+}
+
 impl Index {
     /// Opens (creating if needed) the index at `path`.
     pub fn open(path: &Path) -> Result<Index> {
@@ -229,8 +311,7 @@ impl Index {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_SETS));
         it.seek_to_first();
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let id = SetId::from_be_bytes(k.try_into().map_err(|_| bad_value("set key", k.len()))?);
-            let row: SetRow = rmp_serde::from_slice(v).map_err(|_| bad_value("set row", v.len()))?;
+            let (id, row) = decode_set_row(k, v)?;
             sets.insert(id, row);
             it.next();
         }
@@ -245,13 +326,7 @@ impl Index {
     /// The log position this index reflects (end of the last applied batch).
     pub fn applied(&self) -> Result<Option<Pos>> {
         let v = self.db.get_cf(self.cf(CF_META), KEY_APPLIED).map_err(Error::index("reading position"))?;
-        let Some(v) = v else { return Ok(None) };
-        if v.len() != 16 {
-            return Err(bad_value("applied position", v.len()));
-        }
-        let seg = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
-        let off = u64::from_be_bytes(v[8..].try_into().expect("8 bytes"));
-        Ok(Some(Pos { segment: seg, offset: off }))
+        v.map(|v| decode_applied(&v)).transpose()
     }
 
     /// Applies one committed batch and records `end` as the applied position, atomically.
@@ -307,12 +382,10 @@ impl Index {
                     wb.put_cf(self.cf(CF_CHUNKS), c.id.0, loc.encode());
                 }
                 Event::FileVersion(v) => {
-                    let mut val = entry_value(ENTRY_VERSION, a.pos);
-                    val.extend_from_slice(&Event::FileVersion(v.clone()).encode());
-                    wb.put_cf(self.cf(CF_ENTRIES), entry_key(&v.dir, &v.name, v.set), val);
+                    wb.put_cf(self.cf(CF_ENTRIES), entry_key(&v.dir, &v.name, v.set), encode_entry(a.pos, Some(v)));
                 }
                 Event::EntryDeleted(d) => {
-                    wb.put_cf(self.cf(CF_ENTRIES), entry_key(&d.dir, &d.name, d.set), entry_value(ENTRY_DELETED, a.pos))
+                    wb.put_cf(self.cf(CF_ENTRIES), entry_key(&d.dir, &d.name, d.set), encode_entry(a.pos, None))
                 }
                 Event::ConfigChanged(c) => match &c.value {
                     Some(v) => wb.put_cf(self.cf(CF_CONFIG), c.key.as_bytes(), v.as_bytes()),
@@ -336,19 +409,13 @@ impl Index {
                         Ok(())
                     })?;
                     for (i, seg) in e.retired.iter().enumerate() {
-                        let [first, next] = e.ranges.get(i).copied().unwrap_or([0, 0]);
-                        let mut v = [0u8; 16];
-                        v[..8].copy_from_slice(&first.to_le_bytes());
-                        v[8..].copy_from_slice(&next.to_le_bytes());
-                        wb.put_cf(self.cf(CF_META), retired_key(*seg), v);
+                        let (k, v) = encode_retired(*seg, e.ranges.get(i).copied().unwrap_or([0, 0]));
+                        wb.put_cf(self.cf(CF_META), k, v);
                     }
                 }
             }
         }
-        let mut pos = [0u8; 16];
-        pos[..8].copy_from_slice(&end.segment.to_be_bytes());
-        pos[8..].copy_from_slice(&end.offset.to_be_bytes());
-        wb.put_cf(self.cf(CF_META), KEY_APPLIED, pos);
+        wb.put_cf(self.cf(CF_META), KEY_APPLIED, encode_applied(end));
         self.db.write(wb).map_err(Error::index("applying batch"))?;
         let changed = sets.changed;
         drop(cache);
@@ -357,8 +424,8 @@ impl Index {
     }
 
     fn put_set(&self, wb: &mut WriteBatch, id: SetId, sets: &BTreeMap<SetId, SetRow>) {
-        let row = &sets[&id];
-        wb.put_cf(self.cf(CF_SETS), id.to_be_bytes(), rmp_serde::to_vec(row).expect("set rows encode"));
+        let (k, v) = encode_set_row(id, &sets[&id]);
+        wb.put_cf(self.cf(CF_SETS), k, v);
     }
 
     /// The host record, once the host exists.
@@ -458,22 +525,6 @@ impl Index {
         first == reader || sets.get(&first).is_some_and(|r| r.finished.is_some())
     }
 
-    fn decode_entry(key: &[u8], value: &[u8]) -> Result<EntryVersion> {
-        if value.len() < ENTRY_HEADER {
-            return Err(bad_value("entry", value.len()));
-        }
-        match value.first() {
-            Some(&ENTRY_DELETED) => Ok(EntryVersion::Deleted(entry_set(key))),
-            Some(&ENTRY_VERSION) => {
-                match Event::decode(tardis_core::event::kind::FILE_VERSION, 1, &value[ENTRY_HEADER..])? {
-                    Event::FileVersion(v) => Ok(EntryVersion::Version(v)),
-                    _ => Err(bad_value("entry", value.len())),
-                }
-            }
-            _ => Err(bad_value("entry", value.len())),
-        }
-    }
-
     /// The version of an entry that set `set` sees.
     pub fn lookup(&self, set: SetId, dir: &DirId, name: &NameKey) -> Result<Option<FileVersion>> {
         let sets = self.sets.read().unwrap_or_else(|p| p.into_inner());
@@ -484,7 +535,7 @@ impl Index {
                 break;
             }
             if Self::visible(&sets, entry_set(k), set) {
-                return match Self::decode_entry(k, v)? {
+                return match decode_entry(k, v)? {
                     EntryVersion::Version(v) => Ok(Some(v)),
                     EntryVersion::Deleted(_) => Ok(None),
                 };
@@ -507,7 +558,7 @@ impl Index {
         let mut current: Current = None;
         let flush = |cur: Current, out: &mut Vec<FileVersion>| -> Result<()> {
             if let Some((_, Some(v), k)) = cur {
-                if let EntryVersion::Version(fv) = Self::decode_entry(&k, &v)? {
+                if let EntryVersion::Version(fv) = decode_entry(&k, &v)? {
                     out.push(fv);
                 }
             }
@@ -544,7 +595,7 @@ impl Index {
             if k.len() != 40 || k[..16] != dir.0 || k[16..32] != name.0 {
                 break;
             }
-            out.push(Self::decode_entry(k, v)?);
+            out.push(decode_entry(k, v)?);
             it.next();
         }
         it.status().map_err(Error::index("reading history"))?;
@@ -562,7 +613,7 @@ impl Index {
             }
             let dir = DirId(k[..16].try_into().expect("16-byte slice"));
             let name = NameKey(k[16..32].try_into().expect("16-byte slice"));
-            f(&dir, &name, entry_set(k), Self::decode_entry(k, v)?)?;
+            f(&dir, &name, entry_set(k), decode_entry(k, v)?)?;
             it.next();
         }
         it.status().map_err(Error::index("reading entries"))
@@ -646,7 +697,7 @@ impl Index {
             }
             let dir = DirId(k[..16].try_into().expect("16-byte slice"));
             let name = NameKey(k[16..32].try_into().expect("16-byte slice"));
-            f(&dir, &name, entry_set(k), entry_pos(v)?, Self::decode_entry(k, v)?)?;
+            f(&dir, &name, entry_set(k), entry_pos(v)?, decode_entry(k, v)?)?;
             it.next();
         }
         it.status().map_err(Error::index("reading entries"))
@@ -670,14 +721,8 @@ impl Index {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_META));
         it.seek(RETIRED_PREFIX);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let Some(seg) = k.strip_prefix(RETIRED_PREFIX) else { break };
-            let seg = u64::from_be_bytes(seg.try_into().map_err(|_| bad_value("retired key", k.len()))?);
-            if v.len() != 16 {
-                return Err(bad_value("retired range", v.len()));
-            }
-            let first = u64::from_le_bytes(v[..8].try_into().expect("8 bytes"));
-            let next = u64::from_le_bytes(v[8..].try_into().expect("8 bytes"));
-            out.insert(seg, [first, next]);
+            let Some((seg, range)) = decode_retired(k, v)? else { break };
+            out.insert(seg, range);
             it.next();
         }
         it.status().map_err(Error::index("reading retired segments"))?;
@@ -782,6 +827,29 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
     use tardis_core::event::{ChunkStored, EntryDeleted, Extent, SetCompleted, SetOpened, SetPurged};
+
+    #[test]
+    fn row_codecs_round_trip_and_refuse_bad_lengths() {
+        let pos = Pos { segment: 3, offset: 4096 };
+        assert_eq!(decode_applied(&encode_applied(pos)).unwrap(), pos);
+        assert!(decode_applied(&[0; 15]).is_err());
+        let (k, v) = encode_retired(7, [10, 12]);
+        assert_eq!(decode_retired(&k, &v).unwrap(), Some((7, [10, 12])));
+        assert_eq!(decode_retired(b"applied", &v).unwrap(), None);
+        assert!(decode_retired(b"retired/1", &v).is_err());
+        let row = SetRow { name: "Daily-1".into(), priority: 20, finished: Some(5), ..SetRow::default() };
+        let (k, v) = encode_set_row(9, &row);
+        assert_eq!(decode_set_row(&k, &v).unwrap(), (9, row));
+        assert!(decode_set_row(&k[..7], &v).is_err());
+        let loc = ChunkLoc { pos, plain_len: 100, stored_len: 60, encoding: 1 };
+        assert_eq!(ChunkLoc::decode(&loc.encode()).unwrap(), loc);
+        let key = entry_key(&DirId([1; 16]), &NameKey([2; 16]), 5);
+        let deleted = encode_entry(pos, None);
+        assert_eq!(entry_pos(&deleted).unwrap(), pos);
+        assert_eq!(decode_entry(&key, &deleted).unwrap(), EntryVersion::Deleted(5));
+        // Keys of the wrong length are refused rather than sliced.
+        assert!(decode_entry(&key[..39], &deleted).is_err());
+    }
 
     /// Applies `events` as one batch ending at offset `end` of segment 1.
     fn apply(ix: &Index, events: Vec<Event>, end: u64) {

@@ -1,0 +1,22 @@
+//! The daemon's configuration file (`tardisd.cfg`): any text. Parsing either refuses with a
+//! message naming the file, or gives a configuration whose values are in range.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use std::path::Path;
+use tardis_server::config::Config;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    match Config::parse(text, Path::new("/fuzz/tardisd.cfg")) {
+        Ok(c) => {
+            assert!(c.port != 0 && c.max_connections > 0);
+            assert!((0.0..=1.0).contains(&c.jobs.compact_threshold));
+            assert!(c.jobs.compact_every.is_none_or(|d| !d.is_zero()) && !c.jobs.space_check_every.is_zero());
+            // Parsing is a function of the text alone.
+            let again = Config::parse(text, Path::new("/fuzz/tardisd.cfg")).expect("the same text parses again");
+            assert_eq!(again, c);
+        }
+        Err(e) => assert!(e.to_string().contains("/fuzz/tardisd.cfg"), "the error names the file: {e}"),
+    }
+});
