@@ -163,10 +163,7 @@ fuzz_target!(|data: &[u8]| {
     // A completion whose result was an error: it may or may not be durable.
     let mut in_doubt: Option<(SetId, Files)> = None;
     let mut crash_mode = CrashMode::DropUnsynced;
-    let mut n = 0u32;
-
-    for op in ops(data) {
-        n += 1;
+    for (n, op) in (1u32..).zip(ops(data)) {
         let result = match op {
             Op::Write { file, content: c } => (|| -> tardis_core::Result<()> {
                 let set = match open_set {
