@@ -13,7 +13,14 @@
 //! Two stages run at once. The walk reads files, cuts them into chunks and hashes them (BLAKE3 is
 //! an order of magnitude faster than compression, so one thread keeps up), and hands bounded
 //! batches ([`BackupOptions::batch_bytes`]) to a sender thread. The sender asks the repository
-//! which chunks it lacks, compresses and seals those on all cores, and appends the batch. At most
+//! which chunks it lacks, compresses and seals those on all cores, and appends the batch.
+//!
+//! A new chunk of a changed file is also tried as a delta against the chunk of the previous
+//! version that covered the most of the same byte range (its "hint"): the sender reads that
+//! chunk back from the repository, encodes a fast_rsync delta, and stores the delta instead of
+//! the full chunk when it takes at most `MaxDeltaPercent` of the space and the chain stays
+//! within `MaxDeltaChain` (both per-host settings). A database or disk image with scattered
+//! small writes changes nearly every chunk, so without deltas it would be stored again whole. At most
 //! two batches wait between the stages, so memory stays bounded whatever the tree size. Batches
 //! are appended in order, so every version reaches the repository after (or with) the chunks it
 //! references, which the repository checks. Nothing here knows whether the repository is local
@@ -34,8 +41,9 @@ use std::sync::mpsc;
 use tardis_core::api::{Repository, SetState, Write};
 use tardis_core::chunk::Chunker;
 use tardis_core::chunkcodec::{self, EncodedChunk};
+use tardis_core::config::Config;
 use tardis_core::crypto::Keys;
-use tardis_core::event::{EntryDeleted, Extent, FileVersion, SetStats};
+use tardis_core::event::{EntryDeleted, Extent, FileVersion, SetStats, MAX_CHAIN};
 use tardis_core::ids::{ChunkId, DirId, SetId};
 use tardis_core::meta::{FileMeta, Kind};
 use tardis_core::view::{self, Node, Tree};
@@ -91,6 +99,8 @@ pub struct BackupStats {
     /// Chunks sent to the repository and their stored size.
     pub new_chunks: u64,
     pub new_bytes: u64,
+    /// Of those, chunks stored as deltas against a chunk of the previous version.
+    pub delta_chunks: u64,
     /// Problems that did not stop the backup (unreadable or vanished files, sockets skipped).
     pub warnings: Vec<String>,
     /// Sets removed by `--purge` after the backup (filled in by the caller that purged).
@@ -194,12 +204,17 @@ pub fn backup(
             (n, opts.priority.unwrap_or(p))
         }
     };
+    let config = Config::from_stored(&repo.config()?)?;
+    let policy = DeltaPolicy {
+        max_chain: config.max_delta_chain().min(u32::from(MAX_CHAIN)) as u8,
+        max_percent: config.max_delta_percent(),
+    };
     let set = repo.open_set(&name, prio)?;
     tracing::info!(set, name, base, "backup started");
     let mut stats = BackupStats { set, set_name: name, priority: prio, ..BackupStats::default() };
     let (tx, rx) = mpsc::sync_channel::<Batch>(1);
     let (walked, sent) = std::thread::scope(|scope| {
-        let sender = scope.spawn(move || send_batches(repo, keys, set, rx));
+        let sender = scope.spawn(move || send_batches(repo, keys, set, rx, policy));
         let mut w = Walker {
             keys,
             set,
@@ -220,10 +235,12 @@ pub fn backup(
         (walked, sent)
     });
     // The sender's error explains a walk that stopped because its batches were refused.
-    let (new_chunks, new_bytes) = sent?;
+    let sent = sent?;
     walked?;
+    let (new_chunks, new_bytes) = (sent.chunks, sent.bytes);
     stats.new_chunks = new_chunks;
     stats.new_bytes = new_bytes;
+    stats.delta_chunks = sent.deltas;
     let totals = SetStats { entries: stats.entries, bytes: stats.bytes, changed: stats.changed, new_chunks, new_bytes };
     repo.complete_set(set, totals)?;
     tracing::info!(set, "backup completed");
@@ -233,32 +250,69 @@ pub fn backup(
 /// Work handed from the walk to the sender: hashed chunk data and versions/deletions.
 #[derive(Debug, Default)]
 struct Batch {
-    chunks: Vec<(ChunkId, Vec<u8>)>,
+    chunks: Vec<NewChunk>,
     ids: HashSet<ChunkId>,
     bytes: usize,
     writes: Vec<Write>,
 }
 
+/// A chunk the walk read, and the chunk of the previous version it most likely replaces.
+#[derive(Debug)]
+struct NewChunk {
+    id: ChunkId,
+    data: Vec<u8>,
+    hint: Option<ChunkId>,
+}
+
 const MAX_BATCH_ENTRIES: usize = 20_000;
 
+/// When a changed chunk is stored as a delta (the host's `MaxDeltaChain`, `MaxDeltaPercent`).
+#[derive(Debug, Clone, Copy)]
+struct DeltaPolicy {
+    max_chain: u8,
+    max_percent: u32,
+}
+
+/// Bases read at once: reading is a round trip per chunk to a remote repository, so more
+/// than the cores' worth are in flight.
+const BASE_READERS: usize = 8;
+
+/// What the sender stored.
+#[derive(Debug, Default)]
+struct Sent {
+    chunks: u64,
+    bytes: u64,
+    deltas: u64,
+}
+
 /// The sender stage: for each batch in order, finds the chunks the repository lacks, encodes
-/// them on all cores and appends them with the batch's versions. Returns the number of chunks
-/// and stored bytes it added.
-fn send_batches(repo: &dyn Repository, keys: &Keys, set: SetId, rx: mpsc::Receiver<Batch>) -> Result<(u64, u64)> {
-    let (mut new_chunks, mut new_bytes) = (0u64, 0u64);
+/// them on all cores (as deltas where that pays) and appends them with the batch's versions.
+fn send_batches(
+    repo: &dyn Repository,
+    keys: &Keys,
+    set: SetId,
+    rx: mpsc::Receiver<Batch>,
+    policy: DeltaPolicy,
+) -> Result<Sent> {
+    let mut sent = Sent::default();
     for batch in rx {
-        let ids: Vec<ChunkId> = batch.chunks.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<ChunkId> = batch.chunks.iter().map(|c| c.id).collect();
         let missing: HashSet<ChunkId> = repo.missing_chunks(&ids)?.into_iter().collect();
-        let encoded: Vec<EncodedChunk> = batch
-            .chunks
+        let new: Vec<&NewChunk> = batch.chunks.iter().filter(|c| missing.contains(&c.id)).collect();
+        let bases = if policy.max_percent > 0 {
+            read_bases(repo, keys, new.iter().filter_map(|c| c.hint), policy.max_chain)
+        } else {
+            HashMap::new()
+        };
+        let encoded: Vec<EncodedChunk> = new
             .par_iter()
-            .filter(|(id, _)| missing.contains(id))
-            .map(|(id, data)| chunkcodec::encode(keys, *id, data))
+            .map(|c| encode_chunk(keys, c, c.hint.and_then(|h| bases.get(&h)), policy))
             .collect::<tardis_core::Result<_>>()?;
         let mut writes: Vec<Write> = Vec::with_capacity(encoded.len() + batch.writes.len());
         for c in encoded {
-            new_chunks += 1;
-            new_bytes += c.body.len() as u64;
+            sent.chunks += 1;
+            sent.bytes += c.body.len() as u64;
+            sent.deltas += u64::from(c.delta.is_some());
             writes.push(Write::Chunk(c));
         }
         writes.extend(batch.writes);
@@ -266,7 +320,55 @@ fn send_batches(repo: &dyn Repository, keys: &Keys, set: SetId, rx: mpsc::Receiv
             repo.append(set, writes)?;
         }
     }
-    Ok((new_chunks, new_bytes))
+    Ok(sent)
+}
+
+/// Reads the plaintext of the given chunks, `BASE_READERS` at a time, keeping those whose
+/// chain leaves room for one more delta. A base that cannot be read only costs its delta: the
+/// chunk is then stored in full (and a damaged repository is `verify`'s to report).
+fn read_bases(
+    repo: &dyn Repository,
+    keys: &Keys,
+    hints: impl Iterator<Item = ChunkId>,
+    max_chain: u8,
+) -> HashMap<ChunkId, view::Plain> {
+    let mut wanted: Vec<ChunkId> = hints.collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let found = std::sync::Mutex::new(HashMap::new());
+    std::thread::scope(|scope| {
+        for _ in 0..BASE_READERS.min(wanted.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(id) = wanted.get(i) else { break };
+                match view::read_chunk(repo, keys, id) {
+                    Ok(plain) if plain.depth < max_chain => {
+                        found.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(*id, plain);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("reading chunk {id} as a delta base: {e}; storing in full"),
+                }
+            });
+        }
+    });
+    found.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Encodes one new chunk: as a delta against `base` when that is allowed and small enough,
+/// otherwise in full.
+fn encode_chunk(
+    keys: &Keys,
+    c: &NewChunk,
+    base: Option<&view::Plain>,
+    policy: DeltaPolicy,
+) -> tardis_core::Result<EncodedChunk> {
+    let full = chunkcodec::encode(keys, c.id, &c.data)?;
+    let (Some(base), Some(base_id)) = (base, c.hint) else { return Ok(full) };
+    match chunkcodec::encode_delta(keys, c.id, &c.data, base_id, &base.plain, base.depth)? {
+        Some(d) if d.body.len() as u64 * 100 <= full.body.len() as u64 * u64::from(policy.max_percent) => Ok(d),
+        _ => Ok(full),
+    }
 }
 
 struct Walker<'a, 's> {
@@ -283,6 +385,19 @@ struct Walker<'a, 's> {
     /// Hard-linked files already read in this run: (dev, ino) → their extents.
     links: HashMap<(u64, u64), Vec<Extent>>,
     stats: &'s mut BackupStats,
+}
+
+/// The chunk of `old` (sorted extents) that overlaps `[offset, offset + len)` the most: what a
+/// new chunk at that place most likely replaced.
+fn replaced_chunk(old: &[Extent], offset: u64, len: u64) -> Option<ChunkId> {
+    let end = offset + len;
+    let first = old.partition_point(|e| e.offset + u64::from(e.len) <= offset);
+    old[first..]
+        .iter()
+        .take_while(|e| e.offset < end)
+        .map(|e| (end.min(e.offset + u64::from(e.len)) - offset.max(e.offset), e.id))
+        .max_by_key(|(overlap, _)| *overlap)
+        .map(|(_, id)| id)
 }
 
 /// Metadata equal apart from access time (which reading changes and nobody restores for).
@@ -511,7 +626,7 @@ impl Walker<'_, '_> {
         let extents = match link_key.and_then(|k| self.links.get(&k)) {
             // Another name of a file read earlier in this run: same data, no second read.
             Some(extents) => extents.clone(),
-            None => match self.read_file(path, &mut meta) {
+            None => match self.read_file(path, &mut meta, base.filter(|b| b.meta.kind == Kind::File)) {
                 Ok(extents) => extents,
                 Err(e) => {
                     // The entry keeps its base version, or is left out if it is new; chunks
@@ -537,8 +652,10 @@ impl Walker<'_, '_> {
         self.maybe_flush()
     }
 
-    /// Reads a file's data regions, hashing each chunk and handing its data to the batch.
-    fn read_file(&mut self, path: &Path, meta: &mut FileMeta) -> Result<Vec<Extent>> {
+    /// Reads a file's data regions, hashing each chunk and handing its data to the batch, with
+    /// the chunk of `previous` (the file's version in the base set) that each one replaces.
+    fn read_file(&mut self, path: &Path, meta: &mut FileMeta, previous: Option<&Node>) -> Result<Vec<Extent>> {
+        let old: &[Extent] = previous.map_or(&[], |p| &p.version.extents);
         let mut file = File::open(path).map_err(Error::io_at("opening", path))?;
         let regions = if meta.sparse {
             fsmeta::data_regions(&file, meta.size).map_err(Error::io_at("finding data regions of", path))?
@@ -572,7 +689,8 @@ impl Walker<'_, '_> {
                 extents.push(Extent { offset, len: n as u32, id });
                 if self.batch.ids.insert(id) {
                     self.batch.bytes += n;
-                    self.batch.chunks.push((id, chunk.data));
+                    let hint = replaced_chunk(old, offset, n as u64).filter(|h| *h != id);
+                    self.batch.chunks.push(NewChunk { id, data: chunk.data, hint });
                 }
                 self.maybe_flush()?;
             }

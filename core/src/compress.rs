@@ -29,6 +29,11 @@ pub fn decompress(data: &[u8], plain_len: usize) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Decompresses a frame of unknown length, refusing output longer than `max` bytes.
+pub fn decompress_bounded(data: &[u8], max: usize) -> Result<Vec<u8>> {
+    zstd::bulk::decompress(data, max).map_err(|e| Error::malformed("zstd frame", e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,8 @@ pub enum ValueKind {
     Keep,
     /// A count from 1 to 100.
     Count,
+    /// A percentage from 0 to 100.
+    Percent,
 }
 
 impl ValueKind {
@@ -40,6 +42,7 @@ impl ValueKind {
             ValueKind::Priority => "an integer from 0 to 1000",
             ValueKind::Keep => "a time like 24h, 30d or 26w, or forever",
             ValueKind::Count => "an integer from 1 to 100",
+            ValueKind::Percent => "an integer from 0 to 100",
         }
     }
 }
@@ -53,6 +56,7 @@ pub const WEEKLY_KEEP: &str = "WeeklyKeep";
 pub const MONTHLY_PRIORITY: &str = "MonthlyPriority";
 pub const MONTHLY_KEEP: &str = "MonthlyKeep";
 pub const MAX_DELTA_CHAIN: &str = "MaxDeltaChain";
+pub const MAX_DELTA_PERCENT: &str = "MaxDeltaPercent";
 
 /// Every key a host's configuration may hold, in the order `config` prints them.
 pub const KEYS: &[KeySpec] = &[
@@ -69,6 +73,12 @@ pub const KEYS: &[KeySpec] = &[
         kind: ValueKind::Count,
         default: "5",
         help: "longest chain of deltas a chunk may be stored as",
+    },
+    KeySpec {
+        name: MAX_DELTA_PERCENT,
+        kind: ValueKind::Percent,
+        default: "50",
+        help: "store a changed chunk as a delta only if that takes at most this percent of its full size (0: never)",
     },
 ];
 
@@ -87,6 +97,7 @@ pub fn validate(key: &str, value: &str) -> Result<()> {
         ValueKind::Priority => parse_int(value, 0, 1000).is_some(),
         ValueKind::Keep => parse_keep(value).is_some(),
         ValueKind::Count => parse_int(value, 1, 100).is_some(),
+        ValueKind::Percent => parse_int(value, 0, 100).is_some(),
     };
     if ok {
         Ok(())
@@ -171,6 +182,11 @@ impl Config {
     pub fn max_delta_chain(&self) -> u32 {
         parse_int(self.get(MAX_DELTA_CHAIN), 1, 100).expect("validated on load")
     }
+
+    /// `MaxDeltaPercent`.
+    pub fn max_delta_percent(&self) -> u32 {
+        parse_int(self.get(MAX_DELTA_PERCENT), 0, 100).expect("validated on load")
+    }
 }
 
 /// One retention class.
@@ -220,6 +236,7 @@ mod tests {
         assert_eq!(s.keep_for(41), None);
         let c = Config::from_stored(&BTreeMap::new()).unwrap();
         assert_eq!(c.max_delta_chain(), 5);
+        assert_eq!(c.max_delta_percent(), 50);
     }
 
     #[test]
@@ -231,6 +248,8 @@ mod tests {
             (DAILY_PRIORITY, "0"),
             (MONTHLY_PRIORITY, "1000"),
             (MAX_DELTA_CHAIN, "1"),
+            (MAX_DELTA_PERCENT, "0"),
+            (MAX_DELTA_PERCENT, "100"),
         ] {
             validate(k, v).unwrap();
         }
@@ -244,6 +263,7 @@ mod tests {
             (DAILY_PRIORITY, " 5", "from 0 to 1000"),
             (MAX_DELTA_CHAIN, "0", "from 1 to 100"),
             (MAX_DELTA_CHAIN, "", "from 1 to 100"),
+            (MAX_DELTA_PERCENT, "101", "from 0 to 100"),
         ] {
             let msg = validate(k, v).unwrap_err().to_string();
             assert!(msg.contains(why) && msg.contains(k), "{k}={v:?}: {msg}");

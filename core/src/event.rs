@@ -38,10 +38,11 @@ pub const PAYLOAD_VERSION: u8 = 1;
 
 /// The payload version this build writes (and the highest it reads) for a record kind. A kind's
 /// version goes up when its payload gains a field, so that older builds refuse such records
-/// with "upgrade tardis" instead of misreading them. `KeyWrapped` 2 adds `verifier`.
+/// with "upgrade tardis" instead of misreading them. `KeyWrapped` 2 adds `verifier`;
+/// `ChunkStored` 2 adds `delta` (see [`Event::version`]).
 pub fn payload_version(kind: u8) -> u8 {
     match kind {
-        kind::KEY_WRAPPED => 2,
+        kind::KEY_WRAPPED | kind::CHUNK_STORED => 2,
         _ => PAYLOAD_VERSION,
     }
 }
@@ -123,7 +124,23 @@ pub struct ChunkStored {
     pub plain_len: u32,
     /// `chunkcodec::ENC_*` flags.
     pub encoding: u8,
+    /// For a chunk stored as a delta: the chunk it applies to. Absent for full chunks, whose
+    /// payload stays the version-1 array of three elements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaBase>,
 }
+
+/// The basis of a delta-encoded chunk, and how long the chain down to a full chunk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DeltaBase {
+    pub base: ChunkId,
+    /// 1 when `base` is stored in full, else the base's depth plus one.
+    pub depth: u8,
+}
+
+/// Longest delta chain any reader follows (and the repository accepts): the upper bound of the
+/// `MaxDeltaChain` setting. It bounds the work of reading one chunk whatever the log says.
+pub const MAX_CHAIN: u8 = 100;
 
 /// One piece of a file's data: `len` bytes at `offset` are chunk `id`. Gaps between extents
 /// are holes.
@@ -202,6 +219,15 @@ impl Event {
             Event::EntryDeleted(_) => kind::ENTRY_DELETED,
             Event::ConfigChanged(_) => kind::CONFIG_CHANGED,
             Event::SegmentsCompacted(_) => kind::SEGMENTS_COMPACTED,
+        }
+    }
+
+    /// The payload version to write this event with: the lowest that can express it, so
+    /// that full chunks stay readable by builds that predate delta chunks.
+    pub fn version(&self) -> u8 {
+        match self {
+            Event::ChunkStored(ChunkStored { delta: None, .. }) => PAYLOAD_VERSION,
+            e => payload_version(e.kind()),
         }
     }
 
@@ -294,9 +320,14 @@ pub mod tests {
                 locked,
                 time
             })),
-            (arb_id::<32>(), any::<u32>(), any::<u8>()).prop_map(|(id, plain_len, encoding)| Event::ChunkStored(
-                ChunkStored { id: ChunkId(id), plain_len, encoding }
-            )),
+            (arb_id::<32>(), any::<u32>(), any::<u8>(), proptest::option::of((arb_id::<32>(), any::<u8>()))).prop_map(
+                |(id, plain_len, encoding, delta)| Event::ChunkStored(ChunkStored {
+                    id: ChunkId(id),
+                    plain_len,
+                    encoding,
+                    delta: delta.map(|(b, depth)| DeltaBase { base: ChunkId(b), depth })
+                })
+            ),
             (
                 any::<u64>(),
                 arb_id::<16>(),
@@ -331,6 +362,7 @@ pub mod tests {
         #[test]
         fn round_trip(e in arb_event()) {
             let bytes = e.encode();
+            prop_assert_eq!(Event::decode(e.kind(), e.version(), &bytes).unwrap(), e.clone());
             prop_assert_eq!(Event::decode(e.kind(), payload_version(e.kind()), &bytes).unwrap(), e);
         }
 
@@ -370,5 +402,34 @@ mod compat {
             Err(Error::UnsupportedVersion { version: 3, supported: 2, .. })
         ));
         assert!(Event::decode(kind::SET_OPENED, 2, &old).is_err());
+    }
+
+    /// `ChunkStored` as format 1 wrote it, before delta chunks.
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct ChunkStoredV1 {
+        id: ChunkId,
+        plain_len: u32,
+        encoding: u8,
+    }
+
+    #[test]
+    fn full_chunks_keep_version_1_and_deltas_are_version_2() {
+        let v1 = ChunkStoredV1 { id: ChunkId([7; 32]), plain_len: 9, encoding: 3 };
+        let full = Event::ChunkStored(ChunkStored { id: v1.id, plain_len: 9, encoding: 3, delta: None });
+        assert_eq!(full.encode(), rmp_serde::to_vec(&v1).unwrap());
+        assert_eq!(full.version(), 1);
+        assert_eq!(Event::decode(kind::CHUNK_STORED, 1, &full.encode()).unwrap(), full);
+        let delta = Event::ChunkStored(ChunkStored {
+            id: v1.id,
+            plain_len: 9,
+            encoding: 7,
+            delta: Some(DeltaBase { base: ChunkId([8; 32]), depth: 2 }),
+        });
+        assert_eq!(delta.version(), 2);
+        assert_eq!(Event::decode(kind::CHUNK_STORED, 2, &delta.encode()).unwrap(), delta);
+        assert!(
+            rmp_serde::from_slice::<ChunkStoredV1>(&delta.encode()).is_err(),
+            "a version-1 reader must not misread a delta"
+        );
     }
 }

@@ -9,8 +9,8 @@
 use crate::api::Repository;
 use crate::chunkcodec;
 use crate::crypto::{Keys, Purpose};
-use crate::event::{Extent, FileVersion};
-use crate::ids::{DirId, NameKey, SetId};
+use crate::event::{Extent, FileVersion, MAX_CHAIN};
+use crate::ids::{ChunkId, DirId, NameKey, SetId};
 use crate::meta::{FileMeta, Kind};
 use crate::{Error, Result};
 use serde_bytes::ByteBuf;
@@ -168,14 +168,59 @@ impl<'a> Tree<'a> {
 
 /// Reads and decodes one extent's chunk, checking its length against the extent.
 pub fn read_extent(repo: &dyn Repository, keys: &Keys, e: &Extent) -> Result<Vec<u8>> {
-    let stored = repo.read_chunk(&e.id)?;
-    if stored.meta.plain_len != e.len {
+    let chunk = read_chunk(repo, keys, &e.id)?;
+    if chunk.plain.len() != e.len as usize {
         return Err(Error::malformed(
             "extent",
-            format!("chunk {} holds {} bytes, extent says {}", e.id, stored.meta.plain_len, e.len),
+            format!("chunk {} holds {} bytes, extent says {}", e.id, chunk.plain.len(), e.len),
         ));
     }
-    chunkcodec::decode(keys, &e.id, stored.meta.plain_len, stored.meta.encoding, &stored.body)
+    Ok(chunk.plain)
+}
+
+/// A decoded chunk and the length of the delta chain it was stored as (0 = in full).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plain {
+    pub plain: Vec<u8>,
+    pub depth: u8,
+}
+
+/// Reads and decodes a chunk. A delta chunk is read by reading its chain down to the full
+/// chunk at its end and applying the deltas upwards; every link is checked against its ID and
+/// its recorded depth, and no chain longer than [`MAX_CHAIN`] is followed, whatever the
+/// repository claims.
+pub fn read_chunk(repo: &dyn Repository, keys: &Keys, id: &ChunkId) -> Result<Plain> {
+    let mut chain = Vec::new();
+    let mut next = *id;
+    loop {
+        let stored = repo.read_chunk(&next)?;
+        if stored.meta.id != next {
+            return Err(Error::Tampered { what: format!("the repository returned another chunk for {next}") });
+        }
+        let base = stored.meta.delta.map(|d| d.base);
+        chain.push(stored);
+        match base {
+            None => break,
+            Some(_) if chain.len() > usize::from(MAX_CHAIN) => {
+                return Err(Error::malformed("chunk", format!("delta chain of {id} longer than {MAX_CHAIN}")))
+            }
+            Some(b) => next = b,
+        }
+    }
+    let mut plain: Option<Vec<u8>> = None;
+    for (depth, link) in chain.iter().rev().enumerate() {
+        let recorded = link.meta.delta.map_or(0, |d| usize::from(d.depth));
+        if recorded != depth {
+            return Err(Error::malformed(
+                "chunk",
+                format!("chunk {} says it is a delta of depth {recorded}, its chain is {depth}", link.meta.id),
+            ));
+        }
+        let m = &link.meta;
+        plain = Some(chunkcodec::decode(keys, &m.id, m.plain_len, m.encoding, &link.body, plain.as_deref())?);
+    }
+    let plain = plain.expect("a chain holds at least one chunk");
+    Ok(Plain { plain, depth: (chain.len() - 1) as u8 })
 }
 
 #[cfg(test)]

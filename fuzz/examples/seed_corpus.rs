@@ -39,6 +39,7 @@ fn main() {
     let corpus = Corpus { root };
     repository(&corpus);
     key_wrap(&corpus);
+    deltas(&corpus);
     protocol(&corpus);
     text_formats(&corpus);
     eprintln!("seed corpus written to {}", corpus.root.display());
@@ -137,6 +138,34 @@ fn chunk_input(c: &chunkcodec::EncodedChunk) -> Vec<u8> {
     v.extend_from_slice(&c.plain_len.to_le_bytes()[..3]);
     v.extend_from_slice(&c.body);
     v
+}
+
+/// Real deltas for the `delta` target: a text and a binary base, each edited in place, by
+/// insertion and by deletion. Layout: mode, encoding, 16-bit plain length, split, base, body.
+fn deltas(corpus: &Corpus) {
+    let keys = Keys::unencrypted(HostId([9; 16]));
+    let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog; ".repeat(40);
+    let binary: Vec<u8> = (0..3000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    for base in [text, binary] {
+        let mut edited = vec![base.clone(), base.clone(), base[..base.len() / 2].to_vec()];
+        edited[0][100..140].copy_from_slice(&[b'X'; 40]);
+        edited[1].splice(500..500, b"inserted bytes".iter().copied());
+        edited[2].extend_from_slice(&base[base.len() / 2 + 200..]);
+        for new in edited {
+            let (id, base_id) = (keys.chunk_id(&new), keys.chunk_id(&base));
+            let Some(c) = chunkcodec::encode_delta(&keys, id, &new, base_id, &base, 0).expect("a delta") else {
+                continue;
+            };
+            let total = base.len() + c.body.len();
+            let split = (base.len() * 255).div_ceil(total) as u8;
+            let mut v = vec![2, c.encoding];
+            v.extend_from_slice(&(c.plain_len as u16).to_le_bytes());
+            v.push(split);
+            v.extend_from_slice(&base);
+            v.extend_from_slice(&c.body);
+            corpus.add("delta", &v);
+        }
+    }
 }
 
 fn key_wrap(corpus: &Corpus) {

@@ -17,14 +17,15 @@ fuzz_target!(|data: &[u8]| {
     let plain_len = if mode & 0x80 != 0 { declared << 8 } else { declared };
     // With the ID of the body itself, an unsealed raw body can pass every check.
     let id = keys.chunk_id(body);
-    if let Ok(plain) = chunkcodec::decode(keys, &id, plain_len, *encoding, body) {
+    if let Ok(plain) = chunkcodec::decode(keys, &id, plain_len, *encoding, body, None) {
         assert_eq!(plain.len(), plain_len as usize);
         assert!(plain.len() <= MAX_CHUNK);
         assert_eq!(keys.chunk_id(&plain), id);
     }
     if mode & 2 != 0 && body.len() <= MAX_CHUNK {
         let c = chunkcodec::encode(keys, id, body).expect("a chunk within the maximum encodes");
-        let plain = chunkcodec::decode(keys, &id, c.plain_len, c.encoding, &c.body).expect("an encoded chunk decodes");
+        let plain =
+            chunkcodec::decode(keys, &id, c.plain_len, c.encoding, &c.body, None).expect("an encoded chunk decodes");
         assert_eq!(plain, body);
     }
 });

@@ -76,7 +76,8 @@ pub struct Liveness {
 /// Rows of abandoned sets are dead. A chunk is live if a live version row references it — or,
 /// while any set is open, always: a running backup may have been told by `missing_chunks` that
 /// the repository holds a chunk it will reference later, and only completing or abandoning its
-/// set ends that promise (the pin has no wall-clock expiry, RELIABILITY invariant 6).
+/// set ends that promise (the pin has no wall-clock expiry, RELIABILITY invariant 6). The base
+/// of a live delta chunk is live, down its whole chain.
 pub fn live_positions(index: &Index) -> Result<Liveness> {
     let sets = index.sets();
     let open_set = sets.iter().find(|s| s.state == SetState::Open).map(|s| s.id);
@@ -121,6 +122,9 @@ pub fn live_positions(index: &Index) -> Result<Liveness> {
         Ok(())
     })?;
     flush(&mut rows, &mut out);
+    if open_set.is_none() {
+        keep_delta_bases(index, &mut chunks)?;
+    }
     index.for_each_chunk(&mut |id, loc| {
         if open_set.is_some() || chunks.contains(id) {
             out.positions.insert(loc.pos);
@@ -128,6 +132,27 @@ pub fn live_positions(index: &Index) -> Result<Liveness> {
         Ok(())
     })?;
     Ok(out)
+}
+
+/// Adds to `live` the base of every live delta chunk, down each chain to its full chunk: a
+/// delta is only readable while its whole chain is stored.
+fn keep_delta_bases(index: &Index, live: &mut HashSet<ChunkId>) -> Result<()> {
+    let mut base_of: HashMap<ChunkId, ChunkId> = HashMap::new();
+    index.for_each_chunk(&mut |id, loc| {
+        if let Some(d) = loc.delta {
+            base_of.insert(*id, d.base);
+        }
+        Ok(())
+    })?;
+    let mut todo: Vec<ChunkId> = live.iter().filter(|id| base_of.contains_key(id)).copied().collect();
+    while let Some(id) = todo.pop() {
+        if let Some(base) = base_of.get(&id) {
+            if live.insert(*base) {
+                todo.push(*base);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What the scan learns about one record.

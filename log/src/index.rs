@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::RwLock;
 use tardis_core::api::{EntryVersion, SetInfo, SetState};
-use tardis_core::event::{Event, FileVersion, HostCreated, SetStats};
+use tardis_core::event::{DeltaBase, Event, FileVersion, HostCreated, SetStats};
 use tardis_core::ids::{ChunkId, DirId, NameKey, SetId};
 use tardis_core::login::Verifier;
 
@@ -132,37 +132,47 @@ pub fn decode_set_row(key: &[u8], value: &[u8]) -> Result<(SetId, SetRow)> {
     Ok((id, row))
 }
 
-/// Where a chunk's record is, and its sizes.
+/// Where a chunk's record is, its sizes and, for a delta chunk, its base.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkLoc {
     pub pos: Pos,
     pub plain_len: u32,
     pub stored_len: u32,
     pub encoding: u8,
+    pub delta: Option<DeltaBase>,
 }
 
 impl ChunkLoc {
-    pub fn encode(&self) -> [u8; 25] {
-        let mut b = [0u8; 25];
-        b[..8].copy_from_slice(&self.pos.segment.to_le_bytes());
-        b[8..16].copy_from_slice(&self.pos.offset.to_le_bytes());
-        b[16..20].copy_from_slice(&self.plain_len.to_le_bytes());
-        b[20..24].copy_from_slice(&self.stored_len.to_le_bytes());
-        b[24] = self.encoding;
+    /// 25 bytes for a full chunk (the layout before delta chunks), 58 for a delta chunk (base
+    /// ID and depth appended).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(58);
+        b.extend_from_slice(&self.pos.segment.to_le_bytes());
+        b.extend_from_slice(&self.pos.offset.to_le_bytes());
+        b.extend_from_slice(&self.plain_len.to_le_bytes());
+        b.extend_from_slice(&self.stored_len.to_le_bytes());
+        b.push(self.encoding);
+        if let Some(d) = &self.delta {
+            b.extend_from_slice(&d.base.0);
+            b.push(d.depth);
+        }
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
-        if b.len() != 25 {
+        if b.len() != 25 && b.len() != 58 {
             return Err(bad_value("chunk location", b.len()));
         }
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8-byte slice"));
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4-byte slice"));
+        let delta = (b.len() == 58)
+            .then(|| DeltaBase { base: ChunkId(b[25..57].try_into().expect("32-byte slice")), depth: b[57] });
         Ok(ChunkLoc {
             pos: Pos { segment: u64_at(0), offset: u64_at(8) },
             plain_len: u32_at(16),
             stored_len: u32_at(20),
             encoding: b[24],
+            delta,
         })
     }
 }
@@ -377,8 +387,13 @@ impl Index {
                     // The latest copy in log order is authoritative: writers never store a known
                     // ID twice, so a later copy is compaction's (or a re-upload of a chunk that
                     // compaction dropped). Replays apply batches in log order, so they agree.
-                    let loc =
-                        ChunkLoc { pos: a.pos, plain_len: c.plain_len, stored_len: a.body_len, encoding: c.encoding };
+                    let loc = ChunkLoc {
+                        pos: a.pos,
+                        plain_len: c.plain_len,
+                        stored_len: a.body_len,
+                        encoding: c.encoding,
+                        delta: c.delta,
+                    };
                     wb.put_cf(self.cf(CF_CHUNKS), c.id.0, loc.encode());
                 }
                 Event::FileVersion(v) => {
@@ -826,7 +841,7 @@ impl Index {
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
-    use tardis_core::event::{ChunkStored, EntryDeleted, Extent, SetCompleted, SetOpened, SetPurged};
+    use tardis_core::event::{ChunkStored, DeltaBase, EntryDeleted, Extent, SetCompleted, SetOpened, SetPurged};
 
     #[test]
     fn row_codecs_round_trip_and_refuse_bad_lengths() {
@@ -841,8 +856,12 @@ mod tests {
         let (k, v) = encode_set_row(9, &row);
         assert_eq!(decode_set_row(&k, &v).unwrap(), (9, row));
         assert!(decode_set_row(&k[..7], &v).is_err());
-        let loc = ChunkLoc { pos, plain_len: 100, stored_len: 60, encoding: 1 };
+        let loc = ChunkLoc { pos, plain_len: 100, stored_len: 60, encoding: 1, delta: None };
+        assert_eq!(loc.encode().len(), 25);
         assert_eq!(ChunkLoc::decode(&loc.encode()).unwrap(), loc);
+        let loc = ChunkLoc { delta: Some(DeltaBase { base: ChunkId([4; 32]), depth: 3 }), encoding: 7, ..loc };
+        assert_eq!(ChunkLoc::decode(&loc.encode()).unwrap(), loc);
+        assert!(ChunkLoc::decode(&loc.encode()[..57]).is_err());
         let key = entry_key(&DirId([1; 16]), &NameKey([2; 16]), 5);
         let deleted = encode_entry(pos, None);
         assert_eq!(entry_pos(&deleted).unwrap(), pos);
@@ -883,7 +902,7 @@ mod tests {
     /// The same small history, applied to a fresh index.
     fn small_history(path: &Path) -> Index {
         let ix = Index::open(path).unwrap();
-        let chunk = Event::ChunkStored(ChunkStored { id: ChunkId([1; 32]), plain_len: 3, encoding: 0 });
+        let chunk = Event::ChunkStored(ChunkStored { id: ChunkId([1; 32]), plain_len: 3, encoding: 0, delta: None });
         apply(&ix, vec![opened(1)], 1);
         apply(&ix, vec![chunk, version(1, 1, 1), version(1, 1, 2)], 2);
         apply(&ix, vec![completed(1)], 3);

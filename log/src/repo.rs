@@ -20,9 +20,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tardis_core::api::{EntryVersion, HostInfo, HostKey, Repository, SetInfo, StoredChunk, Write};
 use tardis_core::chunk::MAX_CHUNK;
+use tardis_core::chunkcodec::{self, EncodedChunk};
 use tardis_core::event::{
     self, ChunkStored, ConfigChanged, Event, FileVersion, HostCreated, KeyWrapped, SetCompleted, SetLocked, SetOpened,
-    SetPurged, SetStats,
+    SetPurged, SetStats, MAX_CHAIN,
 };
 use tardis_core::ids::{ChunkId, DirId, HostId, NameKey, SetId};
 use tardis_core::keywrap::WrappedKey;
@@ -523,7 +524,7 @@ impl Repo {
         let recs: Vec<Rec<'_>> = events
             .iter()
             .zip(&metas)
-            .map(|((e, body), meta)| Rec { kind: e.kind(), version: event::payload_version(e.kind()), meta, body })
+            .map(|((e, body), meta)| Rec { kind: e.kind(), version: e.version(), meta, body })
             .collect();
         let (positions, end) = log.append(&recs)?;
         let applied: Vec<Applied> = events
@@ -575,7 +576,8 @@ impl Repo {
         let mut log = self.writer();
         self.require_open(set)?;
         let mut events = Vec::with_capacity(writes.len());
-        let mut in_batch: HashMap<ChunkId, u32> = HashMap::new();
+        // Chunks of this batch: plain length and delta depth.
+        let mut in_batch: HashMap<ChunkId, (u32, u8)> = HashMap::new();
         for w in writes {
             match w {
                 Write::Chunk(c) => {
@@ -585,11 +587,10 @@ impl Repo {
                     if in_batch.contains_key(&c.id) || self.index.has_chunk(&c.id)? {
                         continue; // already stored: never overwrite an existing ID
                     }
-                    in_batch.insert(c.id, c.plain_len);
-                    events.push((
-                        Event::ChunkStored(ChunkStored { id: c.id, plain_len: c.plain_len, encoding: c.encoding }),
-                        c.body,
-                    ));
+                    let depth = self.check_delta(&c, &in_batch)?;
+                    in_batch.insert(c.id, (c.plain_len, depth));
+                    let meta = ChunkStored { id: c.id, plain_len: c.plain_len, encoding: c.encoding, delta: c.delta };
+                    events.push((Event::ChunkStored(meta), c.body));
                 }
                 Write::Version(v) => {
                     self.check_version(set, &v, &in_batch)?;
@@ -609,9 +610,41 @@ impl Repo {
         self.commit(&mut log, events)
     }
 
+    /// A delta chunk's base must be durably stored (or earlier in the same batch), so a chain
+    /// always ends in a full chunk, and its depth must be the base's plus one, at most
+    /// [`MAX_CHAIN`]. Returns the chunk's depth (0 for a full chunk).
+    fn check_delta(&self, c: &EncodedChunk, in_batch: &HashMap<ChunkId, (u32, u8)>) -> Result<u8> {
+        let flagged = c.encoding & chunkcodec::ENC_DELTA != 0;
+        let Some(d) = c.delta else {
+            if flagged {
+                return Err(Error::Refused(format!("chunk {} is marked as a delta but names no base", c.id)));
+            }
+            return Ok(0);
+        };
+        if !flagged {
+            return Err(Error::Refused(format!("chunk {} names a base but is not marked as a delta", c.id)));
+        }
+        let base_depth = match in_batch.get(&d.base) {
+            Some((_, depth)) => *depth,
+            None => match self.index.chunk(&d.base)? {
+                Some(loc) => loc.delta.map_or(0, |b| b.depth),
+                None => {
+                    return Err(Error::Refused(format!("delta chunk {} has base {} that is not stored", c.id, d.base)))
+                }
+            },
+        };
+        if u32::from(d.depth) != u32::from(base_depth) + 1 || d.depth > MAX_CHAIN {
+            return Err(Error::Refused(format!(
+                "delta chunk {} claims depth {} on a base of depth {base_depth} (at most {MAX_CHAIN})",
+                c.id, d.depth
+            )));
+        }
+        Ok(d.depth)
+    }
+
     /// A file version may only reference chunks that are durably stored (or earlier in the same
     /// batch), with matching lengths, in ascending non-overlapping extents (invariant 2).
-    fn check_version(&self, set: SetId, v: &FileVersion, in_batch: &HashMap<ChunkId, u32>) -> Result<()> {
+    fn check_version(&self, set: SetId, v: &FileVersion, in_batch: &HashMap<ChunkId, (u32, u8)>) -> Result<()> {
         if v.set != set {
             return Err(Error::Refused(format!("file version for set {} sent in set {set}", v.set)));
         }
@@ -622,7 +655,7 @@ impl Repo {
             }
             next = e.offset + u64::from(e.len);
             let len = match in_batch.get(&e.id) {
-                Some(l) => *l,
+                Some((l, _)) => *l,
                 None => match self.index.chunk(&e.id)? {
                     Some(loc) => loc.plain_len,
                     None => {
@@ -932,7 +965,8 @@ mod tests {
         repo.create_host(HostId([1; 16]), None).unwrap();
         let set = repo.open_set("s", 1).unwrap();
         let id = ChunkId([7; 32]);
-        let chunk = tardis_core::chunkcodec::EncodedChunk { id, plain_len: 3, encoding: 0, body: b"abc".to_vec() };
+        let chunk =
+            tardis_core::chunkcodec::EncodedChunk { id, plain_len: 3, encoding: 0, body: b"abc".to_vec(), delta: None };
         repo.append(set, vec![Write::Chunk(chunk)]).unwrap();
         repo.complete_set(set, SetStats::default()).unwrap();
         let scratch = base.path().join("h").join(VERIFY_INDEX_DIR);

@@ -16,8 +16,10 @@ use tardis_core::ids::{ChunkId, DirId, HostId, NameKey, SetId};
 
 /// The protocol versions this build speaks. The client offers a range in [`Request::Hello`];
 /// the server picks the highest version both speak or refuses with [`ErrorCode::Version`].
-pub const PROTOCOL_MIN: u16 = 1;
-pub const PROTOCOL_MAX: u16 = 1;
+/// Version 2 added delta chunks (`EncodedChunk::delta`, `ChunkStored::delta`); a version-1 peer
+/// could neither send nor read them, so it is no longer spoken.
+pub const PROTOCOL_MIN: u16 = 2;
+pub const PROTOCOL_MAX: u16 = 2;
 
 /// TLS application protocol name. It stays the same across protocol versions, so that an
 /// incompatible client gets a readable refusal from the `Hello` exchange, not a TLS alert.
@@ -348,14 +350,20 @@ mod tests {
 
     fn arb_write() -> impl Strategy<Value = Write> {
         prop_oneof![
-            (arb_id::<32>(), any::<u32>(), any::<u8>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(
-                |(id, plain_len, encoding, body)| Write::Chunk(EncodedChunk {
+            (
+                arb_id::<32>(),
+                any::<u32>(),
+                any::<u8>(),
+                proptest::collection::vec(any::<u8>(), 0..300),
+                proptest::option::of((arb_id::<32>(), any::<u8>()))
+            )
+                .prop_map(|(id, plain_len, encoding, body, delta)| Write::Chunk(EncodedChunk {
                     id: ChunkId(id),
                     plain_len,
                     encoding,
-                    body
-                })
-            ),
+                    body,
+                    delta: delta.map(|(b, depth)| tardis_core::event::DeltaBase { base: ChunkId(b), depth })
+                })),
             (
                 any::<u64>(),
                 arb_id::<16>(),

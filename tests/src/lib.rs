@@ -46,6 +46,31 @@ pub fn run_s(name: &str, args: &[&str]) -> Output {
     run(name, &a)
 }
 
+/// 2026-03-01 00:00:00 UTC: the clock (`TARDIS_NOW`) of tests that name sets by date.
+pub const MARCH_1: i64 = 1_772_323_200;
+
+/// Runs a program on host `h` (password `pw`) of the repository `db`, at [`MARCH_1`] in UTC.
+pub fn on_host(db: &Path, program: &str, args: &[&str]) -> Output {
+    Command::new(bin(program))
+        .arg("--db")
+        .arg(db)
+        .args(["--host", "h", "--password", "pw"])
+        .args(args)
+        .env_remove("TARDIS_DB")
+        .env_remove("TARDIS_HOST")
+        .env("TARDIS_NOW", MARCH_1.to_string())
+        .env("TZ", "UTC")
+        .output()
+        .expect("program starts")
+}
+
+/// The standard output of a program that must have succeeded.
+pub fn ok(out: Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "exit {:?}: {text}{}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    text
+}
+
 /// Everything Tardis promises to restore about one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {

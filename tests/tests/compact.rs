@@ -4,32 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
-use std::process::{Command, Output};
-use tardis_tests::{assert_same, bin, du, manifest, noise, Entry};
-
-/// 2026-03-01 00:00:00 UTC.
-const MARCH_1: i64 = 1_772_323_200;
-
-fn run(db: &Path, program: &str, args: &[&str]) -> Output {
-    Command::new(bin(program))
-        .arg("--db")
-        .arg(db)
-        .args(["--host", "h", "--password", "pw"])
-        .args(args)
-        .env_remove("TARDIS_DB")
-        .env_remove("TARDIS_HOST")
-        .env("TARDIS_NOW", MARCH_1.to_string())
-        .env("TZ", "UTC")
-        .output()
-        .expect("program starts")
-}
-
-fn ok(out: Output) -> String {
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "exit {:?}: {text}{}", out.status.code(), String::from_utf8_lossy(&out.stderr));
-    text
-}
+use tardis_tests::{assert_same, du, manifest, noise, ok, on_host, Entry};
 
 #[test]
 fn purge_then_compact_shrinks_the_repository_and_keeps_every_kept_set() {
@@ -48,19 +23,19 @@ fn purge_then_compact_shrinks_the_repository_and_keeps_every_kept_set() {
             fs::write(src.join("small.txt"), "kept in every set").unwrap();
         }
         let name = format!("s{i}");
-        ok(run(&db, "tardis", &["--local", "--name", &name, s]));
+        ok(on_host(&db, "tardis", &["--local", "--name", &name, s]));
         if [1, 9].contains(&i) {
             kept.insert(name, manifest(&src));
         }
     }
-    ok(run(&db, "tardis-tools", &["lock", "s1"]));
-    let purged = ok(run(&db, "tardis-tools", &["purge", "--before", "2026-03-02"]));
+    ok(on_host(&db, "tardis-tools", &["lock", "s1"]));
+    let purged = ok(on_host(&db, "tardis-tools", &["purge", "--before", "2026-03-02"]));
     // All but s1, which is locked, and s9, the newest.
     assert_eq!(purged.lines().count(), 8, "{purged}");
     let segments = db.join("h").join("segments");
     let before = du(&segments);
 
-    let out = ok(run(&db, "tardis-tools", &["compact"]));
+    let out = ok(on_host(&db, "tardis-tools", &["compact"]));
     assert!(out.starts_with("retired "), "{out}");
     let after = du(&segments);
     eprintln!("segments: {before} bytes before purge and compaction, {after} after: {out}");
@@ -71,32 +46,32 @@ fn purge_then_compact_shrinks_the_repository_and_keeps_every_kept_set() {
 
     for (set, expected) in &kept {
         let restored = work.path().join(format!("out-{set}"));
-        ok(run(&db, "regenerate", &["--set", set, "-o", restored.to_str().unwrap(), s]));
+        ok(on_host(&db, "regenerate", &["--set", set, "-o", restored.to_str().unwrap(), s]));
         assert_same(expected, &manifest(&restored), set);
     }
-    let verify = ok(run(&db, "tardis-tools", &["verify", "--read-data"]));
+    let verify = ok(on_host(&db, "tardis-tools", &["verify", "--read-data"]));
     assert!(verify.contains("no damage"), "{verify}");
     assert_eq!(
-        ok(run(&db, "tardis-tools", &["compact"])),
+        ok(on_host(&db, "tardis-tools", &["compact"])),
         "nothing to compact: no segment is less than 50% live\n",
         "a second run has nothing left to do"
     );
 
     // The log alone gives the same repository: rebuild the index, verify again, back up again.
-    ok(run(&db, "tardis-tools", &["rebuild-index"]));
-    ok(run(&db, "tardis-tools", &["verify", "--read-data"]));
+    ok(on_host(&db, "tardis-tools", &["rebuild-index"]));
+    ok(on_host(&db, "tardis-tools", &["verify", "--read-data"]));
     fs::write(src.join("file0"), noise(4096, 99)).unwrap();
-    ok(run(&db, "tardis", &["--local", "--name", "s10", s]));
+    ok(on_host(&db, "tardis", &["--local", "--name", "s10", s]));
     let restored = work.path().join("out-s10");
-    ok(run(&db, "regenerate", &["--set", "s10", "-o", restored.to_str().unwrap(), s]));
+    ok(on_host(&db, "regenerate", &["--set", "s10", "-o", restored.to_str().unwrap(), s]));
     assert_same(&manifest(&src), &manifest(&restored), "s10");
-    let sets = ok(run(&db, "tardis-tools", &["sets"]));
+    let sets = ok(on_host(&db, "tardis-tools", &["sets"]));
     assert_eq!(
         sets.lines().skip(1).map(|l| l.split_whitespace().nth(1).unwrap()).collect::<Vec<_>>(),
         ["s1", "s9", "s10"]
     );
 
-    let bad = run(&db, "tardis-tools", &["compact", "--threshold", "2"]);
+    let bad = on_host(&db, "tardis-tools", &["compact", "--threshold", "2"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a fraction from 0 to 1"));
 }

@@ -325,7 +325,7 @@ fn raw_exchange(
 
 #[test]
 fn hostile_clients_get_errors_and_the_daemon_keeps_serving() {
-    use tardis_net::proto::{encode, ErrorCode, Request, Response};
+    use tardis_net::proto::{encode, ErrorCode, Request, Response, PROTOCOL_MAX, PROTOCOL_MIN};
     let work = tempfile::tempdir().unwrap();
     let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
     fs::create_dir_all(&src).unwrap();
@@ -349,7 +349,7 @@ fn hostile_clients_get_errors_and_the_daemon_keeps_serving() {
 
     // Requests before login.
     let conn = raw_connect(&rt, &d, &scratch);
-    let hello = Request::Hello { min: 1, max: 1, software: "raw".into() };
+    let hello = Request::Hello { min: PROTOCOL_MIN, max: PROTOCOL_MAX, software: "raw".into() };
     assert!(matches!(raw_exchange(&rt, &conn, &encode(&hello)), Some(Response::Welcome { .. })));
     match raw_exchange(&rt, &conn, &encode(&Request::Sets)) {
         Some(Response::Error { code: ErrorCode::Protocol, message }) => {

@@ -407,3 +407,50 @@ fn read_data_25_percent_reads_every_chunk_once_in_four_runs() {
         format!("read-data 25%: chunks {k}..{} of {total} in log order; cycle {}% done", 2 * k, 2 * k * 100 / total);
     assert!(text.contains(&line), "{text}");
 }
+
+/// A delta chunk is only as good as its chain: damage to the full chunk at the bottom of one is
+/// reported for the base and for the delta built on it, and names the file in both sets.
+#[test]
+fn a_damaged_delta_base_names_the_files_of_every_version_built_on_it() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, db) = (work.path().join("src"), work.path().join("db"));
+    let path = src.join("table.db");
+    // Under FastCDC's minimum size, so each version is exactly one chunk.
+    let v1 = noise(200_000, 1);
+    let mut v2 = v1.clone();
+    v2[50_000..54_096].copy_from_slice(&noise(4096, 2));
+    let mut sets = Vec::new();
+    for (name, data) in [("first", &v1), ("second", &v2)] {
+        let mut files = Files::new();
+        write(&mut files, path.clone(), data.clone());
+        backup(&db, &src, name);
+        sets.push((name, files));
+    }
+    let fx = Fixture { _work: work, src, db, sets };
+    let (base, base_loc) = fx.locate(&v1);
+    let (delta, delta_loc) = fx.locate(&v2);
+    assert_eq!(delta_loc.delta.map(|d| (d.base, d.depth)), Some((base, 1)), "the second version is a delta");
+    assert!(delta_loc.stored_len < 10_000, "a 4 KiB edit is stored as a small delta: {}", delta_loc.stored_len);
+    let (code, lines) = fx.verify(&["--read-data"]);
+    assert_eq!(code, 0, "{lines:?}");
+
+    let seg = fx.segment(base_loc.pos.segment);
+    let mut bytes = fs::read(&seg).unwrap();
+    let at = base_loc.pos.offset as usize;
+    let meta_len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
+    bytes[at + 24 + meta_len + 100] ^= 0x01;
+    fs::write(&seg, &bytes).unwrap();
+
+    let (code, lines) = fx.verify(&[]);
+    assert_eq!(code, 1, "{lines:?}");
+    let chunks: BTreeMap<String, String> = of_type(&lines, "chunk")
+        .into_iter()
+        .map(|c| (c["chunk"].as_str().unwrap().to_owned(), c["reason"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(chunks.len(), 2, "{chunks:?}");
+    assert!(chunks[&base.to_hex()].contains("damaged log range"), "{chunks:?}");
+    assert!(chunks[&delta.to_hex()].contains(&format!("its delta base {base} is damaged")), "{chunks:?}");
+    let p = path.to_str().unwrap().to_owned();
+    assert_eq!(named_files(&lines), BTreeSet::from([("first".to_owned(), p.clone()), ("second".to_owned(), p)]));
+    assert!(!fx.regenerate("second", &path).status.success(), "a delta on a damaged base cannot be read");
+}
