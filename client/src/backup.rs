@@ -363,12 +363,19 @@ fn encode_chunk(
     base: Option<&view::Plain>,
     policy: DeltaPolicy,
 ) -> tardis_core::Result<EncodedChunk> {
-    let full = chunkcodec::encode(keys, c.id, &c.data)?;
-    let (Some(base), Some(base_id)) = (base, c.hint) else { return Ok(full) };
-    match chunkcodec::encode_delta(keys, c.id, &c.data, base_id, &base.plain, base.depth)? {
-        Some(d) if d.body.len() as u64 * 100 <= full.body.len() as u64 * u64::from(policy.max_percent) => Ok(d),
-        _ => Ok(full),
+    let delta = match (base, c.hint) {
+        (Some(base), Some(base_id)) => chunkcodec::encode_delta(keys, c.id, &c.data, base_id, &base.plain, base.depth)?,
+        _ => None,
+    };
+    let Some(delta) = delta else { return chunkcodec::encode(keys, c.id, &c.data) };
+    let (stored, budget) = (delta.body.len() as u64 * 100, u64::from(policy.max_percent));
+    // zstd at level 3 rarely shrinks a chunk past 1/16: a delta within the budget against that
+    // wins without compressing the full chunk to compare (the common case of a small edit).
+    if stored <= budget * (c.data.len() as u64 / 16) {
+        return Ok(delta);
     }
+    let full = chunkcodec::encode(keys, c.id, &c.data)?;
+    Ok(if stored <= budget * full.body.len() as u64 { delta } else { full })
 }
 
 struct Walker<'a, 's> {
