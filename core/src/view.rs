@@ -6,7 +6,7 @@
 //! [`DirId::TOP`], and the children of a directory live under the directory ID derived from
 //! its parent's ID and its name.
 
-use crate::api::Repository;
+use crate::api::{Repository, StoredChunk};
 use crate::chunkcodec;
 use crate::crypto::{Keys, Purpose};
 use crate::event::{Extent, FileVersion, MAX_CHAIN};
@@ -14,6 +14,7 @@ use crate::ids::{ChunkId, DirId, NameKey, SetId};
 use crate::meta::{FileMeta, Kind};
 use crate::{Error, Result};
 use serde_bytes::ByteBuf;
+use std::sync::Arc;
 
 /// Name of the root entry.
 pub const ROOT_NAME: &[u8] = b"/";
@@ -168,7 +169,12 @@ impl<'a> Tree<'a> {
 
 /// Reads and decodes one extent's chunk, checking its length against the extent.
 pub fn read_extent(repo: &dyn Repository, keys: &Keys, e: &Extent) -> Result<Vec<u8>> {
-    let chunk = read_chunk(repo, keys, &e.id)?;
+    read_extent_cached(repo, keys, e, &NoCache)
+}
+
+/// [`read_extent`], with the bases of delta chains taken from and kept in `cache`.
+pub fn read_extent_cached(repo: &dyn Repository, keys: &Keys, e: &Extent, cache: &dyn PlainCache) -> Result<Vec<u8>> {
+    let chunk = read_chunk_cached(repo, keys, &e.id, cache)?;
     if chunk.plain.len() != e.len as usize {
         return Err(Error::malformed(
             "extent",
@@ -185,30 +191,62 @@ pub struct Plain {
     pub depth: u8,
 }
 
-/// Reads and decodes a chunk. A delta chunk is read by reading its chain down to the full
-/// chunk at its end and applying the deltas upwards; every link is checked against its ID and
-/// its recorded depth, and no chain longer than [`MAX_CHAIN`] is followed, whatever the
-/// repository claims.
+/// Decoded plaintexts a reader keeps (the mount's chunk cache): a delta chain is read only down
+/// to the first base found here, and the bases decoded on the way are offered to it. Versions
+/// of one file share their bases, so browsing a file's history decodes each base once.
+pub trait PlainCache: Sync {
+    fn get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>>;
+    fn put(&self, id: &ChunkId, plain: Arc<Vec<u8>>);
+}
+
+/// Keeps nothing.
+#[derive(Debug)]
+pub struct NoCache;
+
+impl PlainCache for NoCache {
+    fn get(&self, _id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        None
+    }
+    fn put(&self, _id: &ChunkId, _plain: Arc<Vec<u8>>) {}
+}
+
+/// Reads and decodes a chunk. A delta chunk is read by reading its chain down to the full chunk
+/// at its end and applying the deltas upwards; every link is checked against its ID and its
+/// recorded depth, and no chain longer than [`MAX_CHAIN`] is followed, whatever the repository
+/// claims.
 pub fn read_chunk(repo: &dyn Repository, keys: &Keys, id: &ChunkId) -> Result<Plain> {
+    read_chunk_cached(repo, keys, id, &NoCache)
+}
+
+/// [`read_chunk`], stopping the chain at the first base `cache` holds (its plaintext was checked
+/// against its ID when it was decoded) and offering it the bases decoded on the way.
+pub fn read_chunk_cached(repo: &dyn Repository, keys: &Keys, id: &ChunkId, cache: &dyn PlainCache) -> Result<Plain> {
     let mut chain = Vec::new();
     let mut next = *id;
+    // A cached base the chain stops at, and its depth.
+    let mut bottom: Option<(Arc<Vec<u8>>, usize)> = None;
     loop {
         let stored = repo.read_chunk(&next)?;
         if stored.meta.id != next {
             return Err(Error::Tampered { what: format!("the repository returned another chunk for {next}") });
         }
-        let base = stored.meta.delta.map(|d| d.base);
+        let delta = stored.meta.delta;
         chain.push(stored);
-        match base {
-            None => break,
-            Some(_) if chain.len() > usize::from(MAX_CHAIN) => {
-                return Err(Error::malformed("chunk", format!("delta chain of {id} longer than {MAX_CHAIN}")))
-            }
-            Some(b) => next = b,
+        let Some(d) = delta else { break };
+        if chain.len() > usize::from(MAX_CHAIN) || d.depth == 0 {
+            return Err(Error::malformed("chunk", format!("delta chain of {id} is longer than {MAX_CHAIN} or broken")));
         }
+        if let Some(plain) = cache.get(&d.base) {
+            bottom = Some((plain, usize::from(d.depth) - 1));
+            break;
+        }
+        next = d.base;
     }
-    let mut plain: Option<Vec<u8>> = None;
-    for (depth, link) in chain.iter().rev().enumerate() {
+    let (mut base, mut depth) = match bottom {
+        Some((plain, depth)) => (Some(plain), depth + 1),
+        None => (None, 0),
+    };
+    let decode = |link: &StoredChunk, base: Option<&Arc<Vec<u8>>>, depth: usize| {
         let recorded = link.meta.delta.map_or(0, |d| usize::from(d.depth));
         if recorded != depth {
             return Err(Error::malformed(
@@ -217,10 +255,17 @@ pub fn read_chunk(repo: &dyn Repository, keys: &Keys, id: &ChunkId) -> Result<Pl
             ));
         }
         let m = &link.meta;
-        plain = Some(chunkcodec::decode(keys, &m.id, m.plain_len, m.encoding, &link.body, plain.as_deref())?);
+        chunkcodec::decode(keys, &m.id, m.plain_len, m.encoding, &link.body, base.map(|b| &b[..]))
+    };
+    // `chain` runs from the chunk asked for down to the first base: decode it backwards.
+    let (top, below) = chain.split_first().expect("a chain holds at least one chunk");
+    for link in below.iter().rev() {
+        let plain = Arc::new(decode(link, base.as_ref(), depth)?);
+        cache.put(&link.meta.id, plain.clone());
+        base = Some(plain);
+        depth += 1;
     }
-    let plain = plain.expect("a chain holds at least one chunk");
-    Ok(Plain { plain, depth: (chain.len() - 1) as u8 })
+    Ok(Plain { plain: decode(top, base.as_ref(), depth)?, depth: depth as u8 })
 }
 
 #[cfg(test)]

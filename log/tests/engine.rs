@@ -998,3 +998,72 @@ fn crash_at_every_step_of_compaction() {
         }
     }
 }
+
+/// Remembers what a reader decoded, and counts the lookups it answered.
+#[derive(Default)]
+struct CountingCache {
+    plains: std::sync::Mutex<BTreeMap<tardis_core::ids::ChunkId, Arc<Vec<u8>>>>,
+    hits: std::sync::atomic::AtomicU32,
+}
+
+impl view::PlainCache for CountingCache {
+    fn get(&self, id: &tardis_core::ids::ChunkId) -> Option<Arc<Vec<u8>>> {
+        let found = self.plains.lock().unwrap().get(id).cloned();
+        if found.is_some() {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        found
+    }
+    fn put(&self, id: &tardis_core::ids::ChunkId, plain: Arc<Vec<u8>>) {
+        self.plains.lock().unwrap().insert(*id, plain);
+    }
+}
+
+/// A chain of three versions (full, delta, delta of the delta): the repository accepts only
+/// consistent depths and stored bases, every version reads back, and a reader with a cache
+/// decodes the shared bases once.
+#[test]
+fn delta_chains_are_checked_on_append_and_read_through_a_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::open(dir.path(), "h", RepoOptions::default()).unwrap();
+    let keys = keys();
+    repo.create_host(keys.host(), None).unwrap();
+    let mut versions = vec![noise(300_000, 1)];
+    for i in 0..2u64 {
+        let mut next = versions.last().unwrap().clone();
+        next[10_000 * (i as usize + 1)..][..2000].copy_from_slice(&noise(2000, 10 + i));
+        versions.push(next);
+    }
+    let ids: Vec<_> = versions.iter().map(|v| keys.chunk_id(v)).collect();
+    let set = repo.open_set("s", 0).unwrap();
+    let full = chunkcodec::encode(&keys, ids[0], &versions[0]).unwrap();
+    let d1 = chunkcodec::encode_delta(&keys, ids[1], &versions[1], ids[0], &versions[0], 0).unwrap().unwrap();
+    let d2 = chunkcodec::encode_delta(&keys, ids[2], &versions[2], ids[1], &versions[1], 1).unwrap().unwrap();
+    assert_eq!(d2.delta.unwrap().depth, 2);
+    // A delta whose base is not stored, or whose depth is wrong, is refused.
+    let err = repo.append(set, vec![Write::Chunk(d1.clone())]).unwrap_err().to_string();
+    assert!(err.contains("not stored"), "{err}");
+    let mut lying = d1.clone();
+    lying.delta.as_mut().unwrap().depth = 3;
+    let err = repo.append(set, vec![Write::Chunk(full.clone()), Write::Chunk(lying)]).unwrap_err().to_string();
+    assert!(err.contains("depth"), "{err}");
+    repo.append(set, vec![Write::Chunk(full), Write::Chunk(d1), Write::Chunk(d2)]).unwrap();
+
+    for (i, id) in ids.iter().enumerate() {
+        let read = view::read_chunk(&repo, &keys, id).unwrap();
+        assert_eq!((read.plain == versions[i], read.depth), (true, i as u8));
+    }
+    let cache = CountingCache::default();
+    let top = view::read_chunk_cached(&repo, &keys, &ids[2], &cache).unwrap();
+    assert!(top.plain == versions[2]);
+    assert_eq!(cache.plains.lock().unwrap().len(), 2, "both bases kept");
+    let mid = view::read_chunk_cached(&repo, &keys, &ids[1], &cache).unwrap();
+    assert_eq!((mid.plain == versions[1], mid.depth), (true, 1));
+    assert_eq!(cache.hits.load(std::sync::atomic::Ordering::Relaxed), 1, "the second read stopped at the cached base");
+}
+
+/// Bytes that do not compress, different for every seed: keyed hashes of a counter.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let k = Keys::unencrypted(HostId([seed as u8; 16]));
+    (0u64..).flat_map(|i| k.chunk_id(&i.to_le_bytes()).0).take(len).collect()
+}

@@ -122,6 +122,18 @@ impl ChunkCache {
     }
 }
 
+/// The cache also holds the bases of delta chains as they are decoded, so reading another
+/// version of a file built on the same bases decodes only its own deltas.
+impl tardis_core::view::PlainCache for ChunkCache {
+    fn get(&self, id: &ChunkId) -> Option<ChunkData> {
+        self.lock().touch(id)
+    }
+
+    fn put(&self, id: &ChunkId, plain: ChunkData) {
+        self.lock().insert(*id, plain, self.capacity);
+    }
+}
+
 /// The index range of `extents` (sorted by offset, not overlapping) that overlaps
 /// `[offset, end)`.
 pub fn touched(extents: &[Extent], offset: u64, end: u64) -> std::ops::Range<usize> {

@@ -207,7 +207,7 @@ impl Shared {
     }
 
     fn chunk(&self, e: &Extent) -> Result<ChunkData> {
-        self.cache.get(&e.id, || view::read_extent(&*self.repo, &self.keys, e))
+        self.cache.get(&e.id, || view::read_extent_cached(&*self.repo, &self.keys, e, &self.cache))
     }
 
     // ---- lookups ----
