@@ -94,7 +94,16 @@ pub fn binding(conn: &quinn::Connection) -> Result<[u8; BINDING_LEN]> {
 
 /// Writes one frame.
 pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<()> {
-    send.write_all(&proto::encode(msg)).await.map_err(|e| Error::Protocol(format!("sending: {e}")))
+    send.write_all(&proto::encode(msg)).await.map_err(write_error)
+}
+
+/// A connection that goes away mid-write is classified like one that goes away mid-read, so a
+/// server restart during an upload is retried rather than reported as a protocol error.
+fn write_error(e: quinn::WriteError) -> Error {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => lost(c),
+        other => Error::Protocol(format!("sending: {other}")),
+    }
 }
 
 /// Reads a frame header: `None` if the stream ended cleanly before one.
@@ -148,5 +157,47 @@ pub fn lost(e: quinn::ConnectionError) -> Error {
             Error::Protocol(format!("the server closed the connection: {}", String::from_utf8_lossy(&c.reason)))
         }
         other => Error::Lost { server: String::new(), reason: other.to_string() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{self, ServerIdentity, Trust};
+    use std::sync::Arc;
+
+    /// A server endpoint and a client connected to it, both on loopback.
+    async fn pair(dir: &std::path::Path) -> (quinn::Endpoint, quinn::Connection, quinn::Connection) {
+        let id = ServerIdentity::load_or_generate(&dir.join("cert.pem"), &dir.join("key.pem"), &["localhost".into()])
+            .unwrap();
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(id.server_config().unwrap()).unwrap();
+        let server =
+            quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(quic)), "127.0.0.1:0".parse().unwrap())
+                .unwrap();
+        let (tls, _) = tls::client_config(&Trust::KnownHosts(dir.join("known_hosts")), "localhost").unwrap();
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        let connecting = client.connect(server.local_addr().unwrap(), "localhost").unwrap();
+        let (c, s) = tokio::join!(connecting, async { server.accept().await.unwrap().await });
+        (server, c.unwrap(), s.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_that_arrives_mid_write_is_transient() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_server, client, server_side) = pair(dir.path()).await;
+        let (mut send, _recv) = client.open_bi().await.unwrap();
+        server_side.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
+        // Keep writing until the close arrives: each frame is larger than the flow-control
+        // window, so the write waits on the peer and sees the connection go.
+        let big = vec![0u8; 4 << 20];
+        let err = loop {
+            if let Err(e) = write_frame(&mut send, &serde_bytes::ByteBuf::from(big.clone())).await {
+                break e;
+            }
+        };
+        assert!(err.is_transient(), "{err}");
+        assert!(matches!(err, Error::Server { code: proto::ErrorCode::ShuttingDown, .. }), "{err:?}");
     }
 }
