@@ -210,6 +210,7 @@ pub fn backup(
         max_percent: config.max_delta_percent(),
     };
     let set = repo.open_set(&name, prio)?;
+    let seal = seal_opened(repo, keys, set, &name, prio, base)?;
     tracing::info!(set, name, base, "backup started");
     let mut stats = BackupStats { set, set_name: name, priority: prio, ..BackupStats::default() };
     let (tx, rx) = mpsc::sync_channel::<Batch>(1);
@@ -242,9 +243,32 @@ pub fn backup(
     stats.new_bytes = new_bytes;
     stats.delta_chunks = sent.deltas;
     let totals = SetStats { entries: stats.entries, bytes: stats.bytes, changed: stats.changed, new_chunks, new_bytes };
-    repo.complete_set(set, totals)?;
+    repo.complete_set(set, totals, Some(seal))?;
     tracing::info!(set, "backup completed");
     Ok(stats)
+}
+
+/// The seal of the set just opened, made from the server's record of it after checking that
+/// the record says what was asked for: the name, the priority and the base this backup
+/// records its changes against.
+fn seal_opened(
+    repo: &dyn Repository,
+    keys: &Keys,
+    set: SetId,
+    name: &str,
+    priority: u32,
+    base: Option<SetId>,
+) -> Result<Vec<u8>> {
+    let info = repo.sets()?.into_iter().find(|s| s.id == set);
+    match info {
+        Some(i) if i.state == SetState::Open && i.name == name && i.priority == priority && i.base == base => {
+            Ok(tardis_core::setseal::seal(keys, &i)?)
+        }
+        other => Err(Error::Invalid(format!(
+            "the repository recorded set {set} differently from what was asked ({name}, priority {priority}, \
+             base {base:?}): {other:?}"
+        ))),
+    }
 }
 
 /// Work handed from the walk to the sender: hashed chunk data and versions/deletions.

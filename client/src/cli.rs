@@ -17,22 +17,37 @@ pub struct RepoArgs {
     /// Host whose backups these are [default: this machine's host name]
     #[arg(long, env = "TARDIS_HOST", value_name = "NAME")]
     pub host: Option<String>,
+    /// Where this client remembers the newest set of each host, to notice a repository rolled
+    /// back to an older copy [default: /var/lib/tardis as root, else $XDG_STATE_HOME/tardis]
+    #[arg(long, env = "TARDIS_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `given`, else `for_root` as root, else `tardis` under the XDG directory `xdg_var` (or
+/// `~/home_sub` when it is unset).
+fn default_dir(given: Option<&Path>, for_root: &str, xdg_var: &str, home_sub: &str) -> PathBuf {
+    if let Some(d) = given {
+        return d.to_owned();
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from(for_root);
+    }
+    let base = std::env::var_os(xdg_var)
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(home_sub)))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("tardis")
 }
 
 impl RepoArgs {
     /// The repository directory, with the seed's defaults.
     pub fn db_dir(&self) -> PathBuf {
-        if let Some(d) = &self.db {
-            return d.clone();
-        }
-        if nix::unistd::geteuid().is_root() {
-            return PathBuf::from("/srv/tardis");
-        }
-        let data = std::env::var_os("XDG_DATA_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))
-            .unwrap_or_else(|| PathBuf::from("."));
-        data.join("tardis")
+        default_dir(self.db.as_deref(), "/srv/tardis", "XDG_DATA_HOME", ".local/share")
+    }
+
+    /// The client's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        default_dir(self.state_dir.as_deref(), "/var/lib/tardis", "XDG_STATE_HOME", ".local/state")
     }
 
     /// The host name, with the machine's host name as default.

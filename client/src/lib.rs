@@ -6,6 +6,7 @@
 //! - [`restore`]: writing entries and their metadata back to disk for `regenerate`.
 //! - [`session`]: creating a host or unwrapping its key with the password.
 //! - [`remote`]: the same against a `tardisd`: connect, log in, unwrap.
+//! - [`seen`]: set seals and the newest set this client has seen, against rollbacks.
 //! - [`backup`]: the walk that turns a tree into one backup set.
 //! - [`purge`]: choosing sets by retention schedule, time or name, and purging them.
 //! - [`cli`]: command-line options shared by all Tardis programs.
@@ -18,6 +19,7 @@ pub mod fsmeta;
 pub mod purge;
 pub mod remote;
 pub mod restore;
+pub mod seen;
 pub mod session;
 
 pub use error::{Error, Result};

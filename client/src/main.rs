@@ -95,7 +95,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     // Locally the first backup creates the host; a server needs --create for that, so that a
     // mistyped --host does not silently start a new host there.
     let if_missing = if server.server.is_none() || cli.create { IfMissing::Create } else { IfMissing::Fail };
-    let (opened, keys) = remote::open_any(&cli.repo, &server, "tardis", password.as_deref(), if_missing)?;
+    let (opened, keys, seen) = remote::open_any(&cli.repo, &server, "tardis", password.as_deref(), if_missing)?;
     let repo = opened.repo();
     let opts = BackupOptions {
         name: cli.name.clone(),
@@ -110,6 +110,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let bar = Bar::new(show_bar);
     let mut stats = backup::backup(repo, &keys, &paths, &opts, &bar)?;
     bar.finish();
+    seen.record(stats.set, &stats.set_name);
     if cli.purge {
         // After the backup, so the set just made counts as the newest one and is kept.
         let req =

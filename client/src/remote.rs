@@ -2,6 +2,7 @@
 //! password, log in (or create the host), and unwrap the master key, all with one Argon2id run.
 
 use crate::error::{Error, Result};
+use crate::seen::Seen;
 use crate::session::{self, IfMissing};
 use clap::Args;
 use std::path::PathBuf;
@@ -146,8 +147,25 @@ impl Opened {
     }
 }
 
-/// Opens the host's repository, on `--server` if one is given, else at `--db`, and its keys.
+/// Opens the host's repository, on `--server` if one is given, else at `--db`, and its keys,
+/// and checks its set list: every live set sealed by the host key, and none missing from the
+/// newest this client has seen ([`Seen`]).
 pub fn open_any(
+    repo: &crate::cli::RepoArgs,
+    server: &ServerArgs,
+    program: &str,
+    password: Option<&[u8]>,
+    if_missing: IfMissing,
+) -> Result<(Opened, Keys, Seen)> {
+    let (opened, keys) = open_any_unchecked(repo, server, program, password, if_missing)?;
+    let seen = Seen::new(&repo.state_dir(), keys.host());
+    seen.check(&repo.host_name()?, &keys, &opened.repo().sets()?)?;
+    Ok((opened, keys, seen))
+}
+
+/// [`open_any`] without the set-list check, for `verify`, which reports what the check finds
+/// along with everything else.
+pub fn open_any_unchecked(
     repo: &crate::cli::RepoArgs,
     server: &ServerArgs,
     program: &str,

@@ -12,6 +12,7 @@ use crate::ids::{ChunkId, DirId, HostId, NameKey, SetId};
 use crate::login::Verifier;
 use crate::Result;
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 use std::collections::BTreeMap;
 
 /// What a repository knows about its host.
@@ -62,6 +63,10 @@ pub struct SetInfo {
     /// Locked sets are never purged.
     pub locked: bool,
     pub stats: SetStats,
+    /// The client's seal over the set's name, priority, start and base (`setseal`); `None`
+    /// until the set is completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<ByteBuf>,
 }
 
 impl SetInfo {
@@ -141,8 +146,9 @@ pub trait Repository: Send + Sync {
     /// file version references must already be stored or be earlier in the same batch.
     fn append(&self, set: SetId, writes: Vec<Write>) -> Result<()>;
 
-    /// Commits `set`: once this returns, the set is durable and restorable.
-    fn complete_set(&self, set: SetId, stats: SetStats) -> Result<()>;
+    /// Commits `set` with the client's seal of it (`setseal`): once this returns, the set is
+    /// durable and restorable.
+    fn complete_set(&self, set: SetId, stats: SetStats, seal: Option<Vec<u8>>) -> Result<()>;
 
     /// The host's stored configuration values (keys of [`crate::config::KEYS`] that were set;
     /// the others have their defaults).

@@ -42,7 +42,7 @@ pub const PAYLOAD_VERSION: u8 = 1;
 /// `ChunkStored` 2 adds `delta` (see [`Event::version`]).
 pub fn payload_version(kind: u8) -> u8 {
     match kind {
-        kind::KEY_WRAPPED | kind::CHUNK_STORED => 2,
+        kind::KEY_WRAPPED | kind::CHUNK_STORED | kind::SET_COMPLETED => 2,
         _ => PAYLOAD_VERSION,
     }
 }
@@ -100,6 +100,10 @@ pub struct SetCompleted {
     /// Unix time in nanoseconds.
     pub finished: i64,
     pub stats: SetStats,
+    /// The client's seal of the set (`setseal`), added in payload version 2. Absent in sets
+    /// written without one, whose payload stays the version-1 array of three elements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<ByteBuf>,
 }
 
 /// A set was removed by purge; its records become garbage for compaction.
@@ -227,6 +231,7 @@ impl Event {
     pub fn version(&self) -> u8 {
         match self {
             Event::ChunkStored(ChunkStored { delta: None, .. }) => PAYLOAD_VERSION,
+            Event::SetCompleted(SetCompleted { seal: None, .. }) => PAYLOAD_VERSION,
             e => payload_version(e.kind()),
         }
     }
@@ -307,13 +312,18 @@ pub mod tests {
                     base
                 })
             ),
-            (any::<u64>(), any::<i64>(), any::<[u64; 5]>()).prop_map(|(set, finished, s)| Event::SetCompleted(
-                SetCompleted {
+            (
+                any::<u64>(),
+                any::<i64>(),
+                any::<[u64; 5]>(),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..80))
+            )
+                .prop_map(|(set, finished, s, seal)| Event::SetCompleted(SetCompleted {
                     set,
                     finished,
-                    stats: SetStats { entries: s[0], bytes: s[1], changed: s[2], new_chunks: s[3], new_bytes: s[4] }
-                }
-            )),
+                    stats: SetStats { entries: s[0], bytes: s[1], changed: s[2], new_chunks: s[3], new_bytes: s[4] },
+                    seal: seal.map(ByteBuf::from),
+                })),
             (any::<u64>(), any::<i64>()).prop_map(|(set, time)| Event::SetPurged(SetPurged { set, time })),
             (any::<u64>(), any::<bool>(), any::<i64>()).prop_map(|(set, locked, time)| Event::SetLocked(SetLocked {
                 set,

@@ -28,6 +28,7 @@ pub mod keywrap;
 pub mod login;
 pub mod meta;
 pub mod retention;
+pub mod setseal;
 pub mod view;
 
 pub use error::{chain, random_bytes, Error, Result};

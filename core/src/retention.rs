@@ -87,6 +87,7 @@ mod tests {
             purged: false,
             locked: false,
             stats: SetStats::default(),
+            seal: None,
         }
     }
 

@@ -88,10 +88,14 @@ fn repository(corpus: &Corpus) {
     let text = b"The quick brown fox jumps over the lazy dog. ".repeat(40);
     let s1 = repo.open_set("Daily-1", 20).expect("opening a set");
     write(s1, &[("a.txt", &text[..]), ("b.bin", &[0, 1, 2, 3, 255])], &[]);
-    repo.complete_set(s1, SetStats::default()).expect("completing a set");
+    let seal = |set| {
+        let info = repo.sets().expect("listing sets").into_iter().find(|s| s.id == set).expect("the open set");
+        Some(tardis_core::setseal::seal(&keys, &info).expect("sealing a set"))
+    };
+    repo.complete_set(s1, SetStats::default(), seal(s1)).expect("completing a set");
     let s2 = repo.open_set("Hourly-2", 10).expect("opening a set");
     write(s2, &[("c.txt", b"changed")], &["b.bin"]);
-    repo.complete_set(s2, SetStats { entries: 2, bytes: 7, changed: 1, new_chunks: 1, new_bytes: 7 })
+    repo.complete_set(s2, SetStats { entries: 2, bytes: 7, changed: 1, new_chunks: 1, new_bytes: 7 }, seal(s2))
         .expect("completing a set");
     let s3 = repo.open_set("Daily-3", 20).expect("opening a set");
     write(s3, &[("a.txt", b"abandoned")], &[]);

@@ -190,7 +190,7 @@ fuzz_target!(|data: &[u8]| {
             })(),
             Op::Complete => (|| -> tardis_core::Result<()> {
                 let Some(set) = open_set.take() else { return Ok(()) };
-                if let Err(e) = repo.complete_set(set, SetStats::default()) {
+                if let Err(e) = repo.complete_set(set, SetStats::default(), None) {
                     in_doubt = Some((set, pending.clone()));
                     return Err(e);
                 }

@@ -190,6 +190,10 @@ pub struct SetRow {
     /// Added in index version 2.
     #[serde(default)]
     pub locked: bool,
+    /// The client's seal from `SetCompleted`; absent (and not serialised, so older rows keep
+    /// their bytes) for sets completed without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<serde_bytes::ByteBuf>,
 }
 
 /// The set rows as a batch being applied changes them: its changes over the cached rows.
@@ -373,6 +377,7 @@ impl Index {
                     let row = sets.get_or_new(c.set);
                     row.finished = Some(c.finished);
                     row.stats = c.stats;
+                    row.seal.clone_from(&c.seal);
                     self.put_set(&mut wb, c.set, &sets.changed);
                 }
                 Event::SetPurged(p) => {
@@ -513,6 +518,7 @@ impl Index {
                 purged: r.purged,
                 locked: r.locked,
                 stats: r.stats,
+                seal: r.seal.clone(),
             })
             .collect()
     }
@@ -885,7 +891,7 @@ mod tests {
     }
 
     fn completed(set: SetId) -> Event {
-        Event::SetCompleted(SetCompleted { set, finished: set as i64, stats: SetStats::default() })
+        Event::SetCompleted(SetCompleted { set, finished: set as i64, stats: SetStats::default(), seal: None })
     }
 
     fn version(set: SetId, dir: u8, name: u8) -> Event {

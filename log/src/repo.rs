@@ -55,6 +55,9 @@ pub const VERIFY_INDEX_DIR: &str = "verify-index.tmp";
 /// How many index differences [`Repo::check_index`] keeps (all of them are counted).
 pub const MISMATCH_LIMIT: usize = 20;
 
+/// Largest set seal the repository stores: a 255-byte name and four small fields, sealed.
+pub const MAX_SEAL: usize = 1024;
+
 /// What [`Repo::check_index`] found.
 #[derive(Debug)]
 pub struct IndexCheck {
@@ -850,10 +853,13 @@ impl Repository for Repo {
         Ok(self.append_inner(set, writes)?)
     }
 
-    fn complete_set(&self, set: SetId, stats: SetStats) -> tardis_core::Result<()> {
+    fn complete_set(&self, set: SetId, stats: SetStats, seal: Option<Vec<u8>>) -> tardis_core::Result<()> {
+        if seal.as_ref().is_some_and(|s| s.len() > MAX_SEAL) {
+            return Err(Error::Refused(format!("a set seal is at most {MAX_SEAL} bytes")).into());
+        }
         let mut log = self.writer();
         self.require_open(set)?;
-        let e = Event::SetCompleted(SetCompleted { set, finished: self.now(), stats });
+        let e = Event::SetCompleted(SetCompleted { set, finished: self.now(), stats, seal: seal.map(Into::into) });
         Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
     }
 
@@ -933,7 +939,7 @@ mod tests {
         let repo = Repo::open(base.path(), "h", RepoOptions::default()).unwrap();
         repo.create_host(HostId([1; 16]), None).unwrap();
         let set = repo.open_set("s", 1).unwrap();
-        repo.complete_set(set, SetStats::default()).unwrap();
+        repo.complete_set(set, SetStats::default(), None).unwrap();
         let before = repo.index().dump().unwrap();
         drop(repo);
 
@@ -968,7 +974,7 @@ mod tests {
         let chunk =
             tardis_core::chunkcodec::EncodedChunk { id, plain_len: 3, encoding: 0, body: b"abc".to_vec(), delta: None };
         repo.append(set, vec![Write::Chunk(chunk)]).unwrap();
-        repo.complete_set(set, SetStats::default()).unwrap();
+        repo.complete_set(set, SetStats::default(), None).unwrap();
         let scratch = base.path().join("h").join(VERIFY_INDEX_DIR);
         // A scratch index left by a killed run is replaced, not trusted.
         fs::create_dir_all(scratch.join("junk")).unwrap();
@@ -1041,7 +1047,7 @@ mod tests {
         let repo = Repo::open(base.path(), "h", opts).unwrap();
         repo.create_host(HostId([1; 16]), None).unwrap();
         let set = repo.open_set("s", 1).unwrap();
-        repo.complete_set(set, SetStats::default()).unwrap();
+        repo.complete_set(set, SetStats::default(), None).unwrap();
 
         storage.fail.store(true, std::sync::atomic::Ordering::SeqCst);
         let err = repo.check_index().unwrap_err();

@@ -118,18 +118,18 @@ fn sets_carry_unchanged_entries_forward_and_deletions_end_them() {
     let s1 = repo.open_set("Daily-1", 20).unwrap();
     let v1 = files(&[("a", "alpha"), ("b", "beta"), ("c", "gamma")]);
     write_files(&repo, &keys, s1, &v1, &[]);
-    repo.complete_set(s1, SetStats::default()).unwrap();
+    repo.complete_set(s1, SetStats::default(), None).unwrap();
 
     // Set 2 only changes b and deletes c: a is carried forward at no cost.
     let s2 = repo.open_set("Daily-2", 20).unwrap();
     write_files(&repo, &keys, s2, &files(&[("b", "BETA")]), &["c".into()]);
-    repo.complete_set(s2, SetStats::default()).unwrap();
+    repo.complete_set(s2, SetStats::default(), None).unwrap();
 
     // Set 3 is abandoned: its writes must never be seen.
     let s3 = repo.open_set("Daily-3", 20).unwrap();
     write_files(&repo, &keys, s3, &files(&[("a", "junk")]), &["b".into()]);
     let s4 = repo.open_set("Daily-3", 20).unwrap();
-    repo.complete_set(s4, SetStats::default()).unwrap();
+    repo.complete_set(s4, SetStats::default(), None).unwrap();
 
     let expect2 = files(&[("a", "alpha"), ("b", "BETA")]);
     assert_eq!(read_set(&repo, &keys, s1), v1);
@@ -172,8 +172,8 @@ fn server_side_rules_refuse_bad_writes() {
     assert!(err.to_string().contains("not stored"), "{err}");
     // Writing to a set that is not open is refused.
     assert!(repo.append(s + 1, vec![]).is_err());
-    repo.complete_set(s, SetStats::default()).unwrap();
-    assert!(repo.complete_set(s, SetStats::default()).is_err());
+    repo.complete_set(s, SetStats::default(), None).unwrap();
+    assert!(repo.complete_set(s, SetStats::default(), None).is_err());
     assert!(repo.open_set("x", 1).is_err(), "live set names are unique");
     // A second process cannot open the same repository.
     assert!(matches!(Repo::open(dir.path(), HOST, RepoOptions::default()), Err(Error::Locked { .. })));
@@ -235,7 +235,7 @@ fn workload(repo: &Repo, keys: &Keys, n: usize) -> Result<Vec<(SetId, Files)>, t
                 .collect();
             repo.append(set, d)?;
         }
-        repo.complete_set(set, SetStats::default())?;
+        repo.complete_set(set, SetStats::default(), None)?;
         for n in &deleted {
             state.remove(n);
         }
@@ -331,7 +331,7 @@ fn crash_at_every_storage_operation() {
             repo.create_host(keys.host(), None).unwrap();
         }
         let s = repo.open_set("after-crash", 1).unwrap();
-        repo.complete_set(s, SetStats::default()).unwrap();
+        repo.complete_set(s, SetStats::default(), None).unwrap();
         let dump = repo.index().dump().unwrap();
         drop(repo);
         let (opts, _) = fault_opts(dir.path(), None);
@@ -493,7 +493,7 @@ fn flipped_byte_mid_log_is_reported_with_segment_and_offset_never_trimmed() {
     }
     assert!(ok > 0);
     let s = repo.open_set("after-damage", 1).unwrap();
-    repo.complete_set(s, SetStats::default()).unwrap();
+    repo.complete_set(s, SetStats::default(), None).unwrap();
     drop(repo);
     // Damage inside a header breaks framing: the rest of the segment is still found and kept.
     let mut bytes = std::fs::read(&seg).unwrap();
@@ -589,7 +589,7 @@ proptest! {
                     pending.remove(&name);
                 }
                 Op::Complete => {
-                    repo.complete_set(set, SetStats::default()).unwrap();
+                    repo.complete_set(set, SetStats::default(), None).unwrap();
                     committed = pending.clone();
                     expect.push((set, committed.clone()));
                     open = None;
@@ -637,7 +637,7 @@ fn independent_sets(repo: &Repo, keys: &Keys, tag: &str, n: usize) -> Vec<Writte
             let set = repo.open_set(&format!("{tag}-{i}"), 1).unwrap();
             let files = files(&[("a", &format!("a{i}")), ("b", &format!("b{i}"))]);
             write_files(repo, keys, set, &files, &[]);
-            repo.complete_set(set, SetStats::default()).unwrap();
+            repo.complete_set(set, SetStats::default(), None).unwrap();
             // The first batch goes to `first` or to a new segment after it.
             Written { set, files, segments: first..=repo.log_end().segment }
         })
@@ -697,7 +697,7 @@ fn a_missing_middle_segment_is_a_sequence_break_and_the_other_sets_still_read() 
     assert_ne!(info.iter().find(|s| s.id == victim.set).map(|s| s.state), Some(SetState::Completed));
     // The repository still takes new sets.
     let s = repo.open_set("after-break", 1).unwrap();
-    repo.complete_set(s, SetStats::default()).unwrap();
+    repo.complete_set(s, SetStats::default(), None).unwrap();
     drop(repo);
 
     // Losing the first segment breaks the sequence too: the log's first batch is batch 1.
@@ -906,7 +906,7 @@ fn compaction_reclaims_dead_segments_and_keeps_every_kept_set() {
     let again = repo.compact(&CompactOptions { threshold: 0.5, batch_records: 3 }).unwrap();
     assert!(again.retired.is_empty(), "{again:?}");
     let s = repo.open_set("after", 1).unwrap();
-    repo.complete_set(s, SetStats::default()).unwrap();
+    repo.complete_set(s, SetStats::default(), None).unwrap();
     let dump = repo.index().dump().unwrap();
     drop(repo);
     let (opts, _) = compact_opts(dir.path(), None);
@@ -931,7 +931,7 @@ fn an_open_set_pins_every_chunk() {
     assert_eq!(report.pinned_by_open_set, Some(open));
     // Every chunk of the purged first set is still readable, so the running backup can commit.
     write_files(&repo, &keys, open, &first, &[]);
-    repo.complete_set(open, SetStats::default()).unwrap();
+    repo.complete_set(open, SetStats::default(), None).unwrap();
     assert_eq!(read_set(&repo, &keys, open).get("f0"), first.get("f0"));
     observable(&repo, &keys, &kept);
 }

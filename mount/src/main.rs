@@ -122,12 +122,13 @@ fn mount(
     let mut repo_args = repo_args.clone();
     // The background child leaves the working directory once mounted.
     repo_args.db = Some(absolute(&repo_args.db_dir())?);
+    repo_args.state_dir = Some(absolute(&repo_args.state_dir())?);
     let host = repo_args.host_name()?;
     let mut server = cli.server.clone();
     if let Some(f) = &server.known_hosts {
         server.known_hosts = Some(absolute(f)?);
     }
-    let (repo, keys) = remote::open_any(&repo_args, &server, "tardisfs", password.as_deref(), IfMissing::Fail)?;
+    let (repo, keys, _) = remote::open_any(&repo_args, &server, "tardisfs", password.as_deref(), IfMissing::Fail)?;
     signals.check()?;
     let fs_config = FsConfig { cache_bytes: opts.cache_mib.unwrap_or(64) << 20, ..FsConfig::default() };
     let fs = TardisFs::new(repo.into_arc(), keys, fs_config).context("reading the sets")?;

@@ -112,6 +112,7 @@ mod tests {
             purged,
             locked: false,
             stats: Default::default(),
+            seal: None,
         }
     }
 

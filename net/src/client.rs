@@ -573,8 +573,9 @@ impl Repository for RemoteRepo {
         Ok(r?)
     }
 
-    fn complete_set(&self, set: SetId, stats: SetStats) -> tardis_core::Result<()> {
-        Ok(expect_done("complete-set", self.call(Request::CompleteSet { set, stats })?)?)
+    fn complete_set(&self, set: SetId, stats: SetStats, seal: Option<Vec<u8>>) -> tardis_core::Result<()> {
+        let seal = seal.map(ByteBuf::from);
+        Ok(expect_done("complete-set", self.call(Request::CompleteSet { set, stats, seal })?)?)
     }
 
     fn config(&self) -> tardis_core::Result<std::collections::BTreeMap<String, String>> {

@@ -18,8 +18,8 @@ use tardis_core::ids::{ChunkId, DirId, HostId, NameKey, SetId};
 /// the server picks the highest version both speak or refuses with [`ErrorCode::Version`].
 /// Version 2 added delta chunks (`EncodedChunk::delta`, `ChunkStored::delta`); a version-1 peer
 /// could neither send nor read them, so it is no longer spoken.
-pub const PROTOCOL_MIN: u16 = 2;
-pub const PROTOCOL_MAX: u16 = 2;
+pub const PROTOCOL_MIN: u16 = 3;
+pub const PROTOCOL_MAX: u16 = 3;
 
 /// TLS application protocol name. It stays the same across protocol versions, so that an
 /// incompatible client gets a readable refusal from the `Hello` exchange, not a TLS alert.
@@ -135,6 +135,8 @@ pub enum Request {
     CompleteSet {
         set: SetId,
         stats: SetStats,
+        /// The client's seal of the set (`tardis_core::setseal`); added in protocol 3.
+        seal: Option<ByteBuf>,
     },
     Config,
     SetConfig {

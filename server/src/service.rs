@@ -351,11 +351,11 @@ impl Service {
                 repo.append(set, writes)?;
                 Response::Done
             }
-            Request::CompleteSet { set, stats } => {
+            Request::CompleteSet { set, stats, seal } => {
                 self.claim(s)?;
                 let done = repo.sets()?.iter().any(|i| i.id == set && i.state == SetState::Completed);
                 if !done {
-                    repo.complete_set(set, stats)?;
+                    repo.complete_set(set, stats, seal.map(|s| s.into_vec()))?;
                     tracing::info!(host = %s.host.name, set, "set completed");
                 }
                 // The run is over: release the claim.

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use tardis_client::cli::{self, LogArgs, PasswordArgs, RepoArgs};
 use tardis_client::purge::{PurgeOptions, Selection};
 use tardis_client::remote::{self, Opened, ServerArgs};
+use tardis_client::seen::Seen;
 use tardis_client::session::IfMissing;
 use tardis_core::api::Repository;
 use tardis_core::view::Tree;
@@ -298,13 +299,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let password = cli.password.read()?;
-    let (opened, keys) =
-        remote::open_any(&cli.repo, &cli.server, "tardis-tools", password.as_deref(), IfMissing::Fail)?;
+    // Verify reports a bad set list along with all other damage; every other command refuses it.
+    let (opened, keys, seen) = if matches!(cli.command, Command::Verify { .. }) {
+        let (o, k) =
+            remote::open_any_unchecked(&cli.repo, &cli.server, "tardis-tools", password.as_deref(), IfMissing::Fail)?;
+        let seen = Seen::new(&cli.repo.state_dir(), k.host());
+        (o, k, seen)
+    } else {
+        remote::open_any(&cli.repo, &cli.server, "tardis-tools", password.as_deref(), IfMissing::Fail)?
+    };
     let repo = opened.repo();
     let progress = !cli.log.quiet && std::io::stderr().is_terminal();
     let done = match cli.command {
         Command::Verify { read_data, set, json } => {
-            let opts = VerifyOptions { read_data, set, json, progress: progress && !json };
+            let opts = VerifyOptions {
+                read_data,
+                set,
+                json,
+                progress: progress && !json,
+                seen: (cli.repo.host_name()?, seen),
+            };
             let Opened::Local(repo) = &opened else { unreachable!("refused above for --server") };
             return Ok(match verify::verify(repo.as_ref(), &keys, &opts)? {
                 Verdict::Clean => ExitCode::SUCCESS,

@@ -26,6 +26,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write as _;
 use std::path::Path;
+use tardis_client::seen::Seen;
 use tardis_core::api::{Repository, SetInfo};
 use tardis_core::crypto::Keys;
 use tardis_core::ids::{ChunkId, DirId, NameKey, SetId};
@@ -45,7 +46,7 @@ const LOOKUP_BATCH: usize = 1024;
 const READ_BATCH: usize = 64;
 
 /// What to verify.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct VerifyOptions {
     /// Read and decode this percentage of the referenced chunks (100: all of them, no cursor).
     pub read_data: Option<u8>,
@@ -55,6 +56,8 @@ pub struct VerifyOptions {
     pub json: bool,
     /// A progress bar on stderr.
     pub progress: bool,
+    /// The host's name and this client's mark of its newest set, to check for a rollback.
+    pub seen: (String, Seen),
 }
 
 /// How a run ended; `main` maps it to the exit status.
@@ -72,6 +75,10 @@ pub enum Verdict {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Finding {
+    /// A live set whose seal fails: the set list was altered.
+    Set { set: String, reason: String },
+    /// The set list is older than this client has seen: a rollback.
+    Rollback { reason: String },
     /// Bytes of the log that are damaged (`offset..resume` of `segment`).
     LogDamage { segment: u64, offset: u64, resume: u64, reason: String },
     /// The live index and the log disagree about one key (`what` decodes the key).
@@ -161,6 +168,8 @@ impl Report {
             _ => String::new(),
         };
         match f {
+            Finding::Set { set, reason } => println!("set {set}: {reason}"),
+            Finding::Rollback { reason } => println!("{reason}"),
             Finding::LogDamage { segment, offset, resume, reason } => {
                 println!("damaged log: segment {segment} offset {offset}..{resume}: {reason}")
             }
@@ -200,9 +209,24 @@ pub fn verify(repo: &Repo, keys: &Keys, opts: &VerifyOptions) -> Result<Verdict>
     };
     let spinner = spinner(opts.progress, "checking the log and the index");
 
+    // 0: the set list: every live set sealed by the host key, and nothing newer seen before.
+    let all_sets = repo.sets()?;
+    let (host, seen) = &opts.seen;
+    let bad_seals = seen.bad_seals(keys, &all_sets);
+    let mut problems = bad_seals.len() as u64;
+    for (s, e) in &bad_seals {
+        report.emit(&Finding::Set { set: s.name.clone(), reason: e.to_string() })?;
+    }
+    let sealed: Vec<SetInfo> =
+        all_sets.iter().filter(|s| !bad_seals.iter().any(|(b, _)| b.id == s.id)).cloned().collect();
+    if let Err(e) = seen.check_newest(host, &sealed) {
+        report.emit(&Finding::Rollback { reason: e.to_string() })?;
+        problems += 1;
+    }
+
     // 1 and 2: the log, and the index against it.
     let check = repo.check_index().context("checking the log and the index")?;
-    let mut problems = check.scan.damage.len() as u64 + check.mismatch_count;
+    problems += check.scan.damage.len() as u64 + check.mismatch_count;
     for d in &check.scan.damage {
         report.emit(&Finding::LogDamage {
             segment: d.segment,

@@ -31,7 +31,7 @@ fn main() -> ExitCode {
     cli.log.init();
     let result = (|| -> anyhow::Result<()> {
         let password = cli.password.read()?;
-        let (opened, keys) =
+        let (opened, keys, _) =
             remote::open_any(&cli.repo, &cli.server, "regenerate", password.as_deref(), IfMissing::Fail)?;
         regenerate::run(opened.repo(), &keys, &cli.args)
     })();
