@@ -326,4 +326,63 @@ mod tests {
         fs::remove_file(&k).unwrap();
         assert!(ServerIdentity::load_or_generate(&c, &k, &["localhost".into()]).is_err());
     }
+
+    /// A server that presents `chain` but signs the handshake with `key`.
+    #[derive(Debug)]
+    struct Presents(Arc<rustls::sign::CertifiedKey>);
+
+    impl rustls::server::ResolvesServerCert for Presents {
+        fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+    }
+
+    /// Runs a QUIC handshake on loopback between the two configurations.
+    async fn handshake(server: rustls::ServerConfig, client: rustls::ClientConfig) -> bool {
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(server).unwrap();
+        let server_ep =
+            quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(quic)), "127.0.0.1:0".parse().unwrap())
+                .unwrap();
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(client).unwrap();
+        let mut client_ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client_ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        let connecting = client_ep.connect(server_ep.local_addr().unwrap(), "localhost").unwrap();
+        let accept = async {
+            if let Some(incoming) = server_ep.accept().await {
+                let _ = incoming.await;
+            }
+        };
+        let (client, ()) = tokio::join!(connecting, accept);
+        client.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_pinned_certificate_presented_without_its_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["localhost".to_owned()];
+        let id = |n: &str| {
+            ServerIdentity::load_or_generate(
+                &dir.path().join(n).join("c.pem"),
+                &dir.path().join(n).join("k.pem"),
+                &names,
+            )
+            .unwrap()
+        };
+        let (real, other) = (id("real"), id("other"));
+        let kh = dir.path().join("known_hosts");
+        KnownHosts::new(kh.clone()).add("srv:1", &real.fingerprint()).unwrap();
+        let client = || client_config(&Trust::KnownHosts(kh.clone()), "srv:1").unwrap().0;
+        assert!(handshake(real.server_config().unwrap(), client()).await, "the real server passes the pin");
+
+        // The pinned certificate, copied, with a key of the impostor's own.
+        let signer = provider().key_provider.load_private_key(other.key.clone_key()).unwrap();
+        let copied = rustls::sign::CertifiedKey::new(real.chain.clone(), signer);
+        let mut impostor = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Presents(Arc::new(copied))));
+        impostor.alpn_protocols = vec![ALPN.to_vec()];
+        assert!(!handshake(impostor, client()).await, "a copied certificate without its key does not pass");
+    }
 }
