@@ -128,6 +128,38 @@ fn two_sets_of_every_kind_of_entry_regenerate_exactly() {
     assert_same(&m1, &manifest(&out), "first after rebuild-index");
 }
 
+/// Regenerate writes files on several threads and queues at most 1,024 at a time: links whose
+/// first path was written with an earlier part of the queue, and read-only directories whose
+/// metadata must wait for their contents, still come back exactly.
+#[test]
+fn a_tree_of_5000_files_with_links_across_the_write_queue_regenerates_exactly() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    for d in 0..50 {
+        let dir = src.join(format!("d{d:02}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            let len = if f % 10 == 0 { 300_000 } else { 100 + f * 7 };
+            fs::write(dir.join(format!("f{f:02}")), noise(len, (d * 100 + f) as u64)).unwrap();
+        }
+    }
+    for d in [10, 30, 49] {
+        fs::hard_link(src.join("d00/f00"), src.join(format!("d{d:02}/link-to-first"))).unwrap();
+        fs::hard_link(src.join("d48/f99"), src.join(format!("d{d:02}/link-to-late"))).unwrap();
+    }
+    for d in [5, 25] {
+        fs::set_permissions(src.join(format!("d{d:02}")), fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let db = work.path().join("db");
+    let (code, json, err) = backup(&db, "h", "pw", &src, &["--name", "one"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json["files"], 5_006, "{json}");
+    let out = work.path().join("out");
+    regenerate(&db, "h", "pw", "one", &src, &out);
+    assert_same(&manifest(&src), &manifest(&out), "5,000 files restored in parallel");
+}
+
 #[test]
 fn unchanged_tree_of_10000_files_reads_nothing_and_stores_little() {
     let work = tempfile::tempdir().unwrap();

@@ -3,16 +3,33 @@
 //! Regular files are written to a temporary name and renamed into place (a killed restore never
 //! leaves a truncated file at the target); only data extents are written, so holes stay holes.
 //! Hard links are restored as links within one run. Directory metadata is applied after their
-//! contents (post-order), so their times are the stored ones.
+//! contents, so their times are the stored ones.
+//!
+//! The tree is walked on one thread, which creates directories and small nodes at once and
+//! queues regular files. Queued files are written by a pool of threads, several files at a
+//! time and, within a file, several chunks decoded at a time and written in order, so a
+//! restore uses every core for decryption and decompression, and keeps several reads in flight
+//! to a server. The queue is bounded, so memory does not grow with the tree.
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use tardis_client::fsmeta::Owners;
 use tardis_client::restore::{self, FileWriter, RestoreOptions};
-use tardis_core::meta::Kind;
+use tardis_core::event::Extent;
+use tardis_core::meta::{FileMeta, Kind};
 use tardis_core::view::{Node, Tree};
+
+/// Threads that write files. More than the cores: with a server, each waits on round trips.
+const WRITERS: usize = 8;
+/// Chunks of one file decoded at a time (at most 4 MiB each).
+const CHUNKS_AT_ONCE: usize = 8;
+/// Files and bytes the walk queues before the writers empty the queue.
+const QUEUE_FILES: usize = 1024;
+const QUEUE_BYTES: u64 = 256 << 20;
 
 /// Totals of a restore.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -23,59 +40,124 @@ pub struct RestoreStats {
     pub links: u64,
 }
 
+/// A regular file the walk found, to be written by the pool.
+#[derive(Debug)]
+struct FileJob {
+    node: Node,
+    target: PathBuf,
+}
+
 /// Restores nodes of one tree.
 #[derive(Debug)]
 pub struct Restorer<'a> {
     tree: &'a Tree<'a>,
     opts: RestoreOptions,
-    owners: Owners,
+    owners: Mutex<Owners>,
+    pool: rayon::ThreadPool,
+    /// The first path restored for each (device, inode) with several links.
     links: HashMap<(u64, u64), PathBuf>,
+    queue: Vec<FileJob>,
+    queued_bytes: u64,
+    /// Further links to files that may still be queued: made once the queue is written.
+    later_links: Vec<(PathBuf, PathBuf)>,
+    /// Directories in the order they were created; their metadata is applied last, deepest first.
+    dirs: Vec<(PathBuf, FileMeta)>,
     pub stats: RestoreStats,
 }
 
 impl<'a> Restorer<'a> {
-    pub fn new(tree: &'a Tree<'a>, opts: RestoreOptions) -> Self {
-        Restorer { tree, opts, owners: Owners::new(), links: HashMap::new(), stats: RestoreStats::default() }
+    pub fn new(tree: &'a Tree<'a>, opts: RestoreOptions) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(WRITERS.max(std::thread::available_parallelism().map_or(1, |n| n.get())))
+            .thread_name(|i| format!("restore-{i}"))
+            .build()
+            .context("starting the restore threads")?;
+        Ok(Restorer {
+            tree,
+            opts,
+            owners: Mutex::new(Owners::new()),
+            pool,
+            links: HashMap::new(),
+            queue: Vec::new(),
+            queued_bytes: 0,
+            later_links: Vec::new(),
+            dirs: Vec::new(),
+            stats: RestoreStats::default(),
+        })
     }
 
     /// Restores `node` (and, for a directory, everything below it) at `target`.
     pub fn restore(&mut self, node: &Node, target: &Path) -> Result<()> {
+        self.walk(node, target)?;
+        self.write_queue()?;
+        for (existing, new) in std::mem::take(&mut self.later_links) {
+            restore::link(&existing, &new, &self.opts)?;
+        }
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        for (path, meta) in std::mem::take(&mut self.dirs).iter().rev() {
+            restore::apply_meta(path, meta, &self.opts, &mut owners)?;
+        }
+        Ok(())
+    }
+
+    fn walk(&mut self, node: &Node, target: &Path) -> Result<()> {
         self.stats.entries += 1;
         let meta = &node.meta;
         match meta.kind {
             Kind::Dir => {
                 restore::create_node(target, meta, &self.opts)?;
+                self.dirs.push((target.to_owned(), meta.clone()));
                 for child in self.tree.children(node)? {
                     let name = std::ffi::OsStr::from_bytes(&child.meta.name);
-                    self.restore(&child, &target.join(name))?;
+                    self.walk(&child, &target.join(name))?;
                 }
+                return Ok(());
             }
             Kind::File => {
-                let link_key = (meta.nlink > 1).then_some((meta.dev, meta.ino));
-                if let Some(existing) = link_key.and_then(|k| self.links.get(&k)) {
-                    restore::link(existing, target, &self.opts)?;
-                    self.stats.links += 1;
-                    return Ok(());
+                if meta.nlink > 1 {
+                    let key = (meta.dev, meta.ino);
+                    if let Some(existing) = self.links.get(&key) {
+                        self.later_links.push((existing.clone(), target.to_owned()));
+                        self.stats.links += 1;
+                        return Ok(());
+                    }
+                    self.links.insert(key, target.to_owned());
                 }
-                let mut w = FileWriter::create(target, &self.opts)?;
-                for e in &node.version.extents {
-                    let data = self
-                        .tree
-                        .read_extent(e)
-                        .with_context(|| format!("reading {} at offset {}", target.display(), e.offset))?;
-                    w.write_at(e.offset, &data)?;
-                }
-                w.finish(meta.size)?;
                 self.stats.files += 1;
                 self.stats.bytes += meta.size;
-                if let Some(k) = link_key {
-                    self.links.insert(k, target.to_owned());
+                self.queued_bytes += meta.size;
+                self.queue.push(FileJob { node: node.clone(), target: target.to_owned() });
+                if self.queue.len() >= QUEUE_FILES || self.queued_bytes >= QUEUE_BYTES {
+                    self.write_queue()?;
                 }
+                return Ok(());
             }
             _ => restore::create_node(target, meta, &self.opts)?,
         }
-        restore::apply_meta(target, meta, &self.opts, &mut self.owners)?;
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        restore::apply_meta(target, meta, &self.opts, &mut owners)?;
         Ok(())
+    }
+
+    /// Writes every queued file, several at a time.
+    fn write_queue(&mut self) -> Result<()> {
+        let queue = std::mem::take(&mut self.queue);
+        self.queued_bytes = 0;
+        let (tree, opts, owners, pool) = (self.tree, &self.opts, &self.owners, &self.pool);
+        pool.install(|| {
+            queue.par_iter().try_for_each(|job| {
+                let mut w = FileWriter::create(&job.target, opts)?;
+                for_each_extent(pool, tree, &job.node.version.extents, |e, data| {
+                    w.write_at(e.offset, data)
+                        .with_context(|| format!("writing {} at offset {}", job.target.display(), e.offset))
+                })
+                .with_context(|| format!("restoring {}", job.target.display()))?;
+                w.finish(job.node.meta.size)?;
+                let mut owners = owners.lock().unwrap_or_else(|p| p.into_inner());
+                restore::apply_meta(&job.target, &job.node.meta, opts, &mut owners)?;
+                Ok(())
+            })
+        })
     }
 
     /// Writes a regular file's data to `out` (for `regenerate` without `-o`).
@@ -84,17 +166,40 @@ impl<'a> Restorer<'a> {
             bail!("{} is not a regular file: give -o DIR to restore it", String::from_utf8_lossy(&node.meta.name));
         }
         let mut pos = 0u64;
-        for e in &node.version.extents {
+        for_each_extent(&self.pool, self.tree, &node.version.extents, |e, data| {
             write_zeros(out, e.offset - pos)?;
-            out.write_all(&self.tree.read_extent(e)?)?;
+            out.write_all(data)?;
             pos = e.offset + u64::from(e.len);
-        }
+            Ok(())
+        })?;
         write_zeros(out, node.meta.size.saturating_sub(pos))?;
         out.flush()?;
         self.stats.files += 1;
         self.stats.bytes += node.meta.size;
         Ok(())
     }
+}
+
+/// Decodes the extents of one file [`CHUNKS_AT_ONCE`] at a time, in parallel on `pool`, and
+/// hands each to `write` in order on the calling thread.
+fn for_each_extent(
+    pool: &rayon::ThreadPool,
+    tree: &Tree<'_>,
+    extents: &[Extent],
+    mut write: impl FnMut(&Extent, &[u8]) -> Result<()>,
+) -> Result<()> {
+    for group in extents.chunks(CHUNKS_AT_ONCE) {
+        let data: Vec<Vec<u8>> = pool.install(|| {
+            group
+                .par_iter()
+                .map(|e| tree.read_extent(e).with_context(|| format!("reading the chunk at offset {}", e.offset)))
+                .collect::<Result<_>>()
+        })?;
+        for (e, d) in group.iter().zip(&data) {
+            write(e, d)?;
+        }
+    }
+    Ok(())
 }
 
 fn write_zeros(out: &mut dyn std::io::Write, mut n: u64) -> Result<()> {
@@ -165,7 +270,7 @@ pub fn run(
     if args.no_owners {
         opts.owners = false;
     }
-    let mut r = Restorer::new(&tree, opts);
+    let mut r = Restorer::new(&tree, opts)?;
     let mut nodes = Vec::new();
     for p in &args.paths {
         let abs = tardis_client::backup::normalize(p)?;
