@@ -10,7 +10,8 @@
 //!    If the segment being appended to is chosen, the log first rolls to a new one.
 //! 3. A `SegmentsCompacted` batch names the retired segments with their batch ranges; applying
 //!    it drops the index rows that still point into them (the dead ones).
-//! 4. The index is flushed, and only then are the retired segment files deleted.
+//! 4. The index is flushed, and only then are the retired segment files deleted. Last, the
+//!    index's own files are compacted, so the rows the copies replaced stop taking space.
 //!
 //! A crash before step 3 leaves the old segments authoritative for what was not yet copied and
 //! the copies for what was (both are complete, valid records); a crash after it leaves the
@@ -324,6 +325,7 @@ impl crate::Repo {
             storage.remove(*seg).map_err(|e| Error::io("removing retired segment", storage.describe(*seg), e))?;
         }
         report.retired = victims;
+        self.index().compact_files();
         let after = storage.list().map_err(|e| Error::io("listing segments in", storage.describe(0), e))?;
         report.segments_after = after.len() as u64;
         for seg in after {
