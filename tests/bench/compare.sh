@@ -29,19 +29,11 @@ V2=$CORPUS_DIR/v2
 LOG_TAG=compare
 # shellcheck source=/dev/null
 . "$SHARED_BENCH/lib.sh"
+# shellcheck source=tests/bench/common.sh
+. "$TOP/tests/bench/common.sh"
 
-need=()
-for p in restic borgbackup rsync time e2fsprogs xz-utils; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if ((${#need[@]})); then
-    log "installing ${need[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null || {
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-    }
-fi
-log "building release binaries"
-(cd "$TOP" && bash .ci/setup && cargo build --release --locked -p tardis-client -p tardis-tools)
+install_debs restic borgbackup rsync time e2fsprogs xz-utils
+build_release tardis-client tardis-tools
 BIN=$TOP/target/release
 [[ -f $CORPUS_DIR/MANIFEST.txt ]] || bash "$SHARED_BENCH/make-corpus.sh"
 

@@ -75,6 +75,8 @@ SRC=$WORK/live           # the live path every tool backs up
 LOG_TAG=maintenance
 # shellcheck source=/dev/null
 . "$SHARED_BENCH/lib.sh"
+# shellcheck source=tests/bench/common.sh
+. "$TOP/tests/bench/common.sh"
 die() { log "error: $*"; exit 1; }
 q() { printf '%q' "$1"; }
 ((SETS >= 2 && SETS % 2 == 0)) || die "SETS must be even and at least 2"
@@ -182,19 +184,9 @@ PY
 }
 if [[ -n ${REPORT_ONLY:-} ]]; then report "$REPORT_ONLY"; cat "$REPORT_ONLY/maintenance.md"; exit 0; fi
 
-need=()
-for p in restic borgbackup rsync time e2fsprogs xz-utils; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if ((${#need[@]})); then
-    log "installing ${need[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null || {
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-    }
-fi
+install_debs restic borgbackup rsync time e2fsprogs xz-utils
 if [[ $BUILD == 1 ]]; then
-    log "building release binaries"
-    (cd "$TOP" && bash .ci/setup && cargo build --release --locked -p tardis-client -p tardis-tools)
+    build_release tardis-client tardis-tools
 fi
 for b in tardis tardis-tools; do [[ -x $BIN_DIR/$b ]] || die "$BIN_DIR/$b missing (BUILD=1 or BIN_DIR)"; done
 [[ -f $CORPUS_DIR/MANIFEST.txt ]] || bash "$SHARED_BENCH/make-corpus.sh"

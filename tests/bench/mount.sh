@@ -81,23 +81,15 @@ PASSWORD=${BENCH_PASSWORD:-bench-password-not-a-secret}
 LOG_TAG=mount
 # shellcheck source=/dev/null
 . "$SHARED_BENCH/lib.sh"
+# shellcheck source=tests/bench/common.sh
+. "$TOP/tests/bench/common.sh"
 die() { log "error: $*"; exit 1; }
 
 [[ $(id -u) == 0 ]] || die "run as root (dropping caches, mounting)"
 [[ -e /dev/fuse ]] || die "/dev/fuse is missing"
-need=()
-for p in restic borgbackup fuse3 python3-llfuse xz-utils e2fsprogs; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if ((${#need[@]})); then
-    log "installing ${need[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null || {
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-    }
-fi
+install_debs restic borgbackup fuse3 python3-llfuse xz-utils e2fsprogs
 if [[ $BUILD == 1 ]]; then
-    log "building release binaries"
-    (cd "$TOP" && bash .ci/setup && cargo build --release --locked -p tardis-client -p tardis-mount)
+    build_release tardis-client tardis-mount
 fi
 [[ -x $BIN/tardis && -x $BIN/tardisfs ]] || die "no tardis/tardisfs in $BIN (BUILD=1 builds them)"
 [[ -f $CORPUS_DIR/MANIFEST.txt ]] || bash "$SHARED_BENCH/make-corpus.sh"

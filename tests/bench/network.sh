@@ -67,6 +67,8 @@ export RESTIC_PASSWORD=$PASSWORD
 
 log() { printf '[network %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=tests/bench/common.sh
+. "$TOP/tests/bench/common.sh"
 # report DIR: DIR/network.md from DIR/steps.csv and DIR/env.txt (also alone: REPORT_ONLY=DIR).
 report() {
 python3 - "$1/steps.csv" "$1/env.txt" > "$1/network.md" <<'PY'
@@ -178,20 +180,9 @@ PY
 if [[ -n ${REPORT_ONLY:-} ]]; then report "$REPORT_ONLY"; cat "$REPORT_ONLY/network.md"; exit 0; fi
 [[ $(id -u) == 0 ]] || die "needs root (network namespaces, nftables, tc)"
 
-need=()
-for p in iproute2 nftables ethtool rsync restic openssh-server openssh-client time; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if ((${#need[@]})); then
-    log "installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 || {
-        apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
-    }
-fi
+install_debs iproute2 nftables ethtool rsync restic openssh-server openssh-client time
 if [[ $BUILD == 1 ]]; then
-    log "building release binaries"
-    (cd "$TOP" && bash .ci/setup && cargo build --release --locked -p tardis-client -p tardis-server)
+    build_release tardis-client tardis-server
 fi
 for b in tardis tardisd; do [[ -x $BIN_DIR/$b ]] || die "$BIN_DIR/$b missing (BUILD=1 or BIN_DIR)"; done
 [[ -f $CORPUS_DIR/MANIFEST.txt ]] || bash "$SHARED_BENCH/make-corpus.sh"
