@@ -65,7 +65,10 @@ impl RepoArgs {
     pub fn open_local(&self, create: bool) -> Result<Repo> {
         let db = self.db_dir();
         let host = self.host_name()?;
-        if !create && !Repo::exists(&db, &host) {
+        if !create
+            && !Repo::exists(&db, &host)
+                .map_err(|e| Error::Invalid(format!("opening repository {} for host {host}: {e}", db.display())))?
+        {
             return Err(Error::Invalid(format!(
                 "no backups of host {host} in {}; check --host and --db",
                 db.display()

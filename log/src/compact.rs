@@ -319,8 +319,10 @@ impl crate::Repo {
         let meta = event.encode();
         self.commit_raw(&mut log, vec![(event.kind(), tardis_core::event::PAYLOAD_VERSION, meta, Vec::new())])?;
 
-        // Retire only once the index that no longer points into them is durable too.
+        // Retire only once the index that no longer points into them is durable too, and,
+        // with a bucket, once the copies are uploaded.
         self.index().flush()?;
+        log.seal_all()?;
         for seg in &victims {
             storage.remove(*seg).map_err(|e| Error::io("removing retired segment", storage.describe(*seg), e))?;
         }

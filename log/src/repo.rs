@@ -208,6 +208,35 @@ fn key_wrapped(key: &HostKey) -> Result<KeyWrapped> {
     Ok(KeyWrapped { blob: serde_bytes::ByteBuf::from(key.wrapped.clone()), verifier: Some(key.verifier) })
 }
 
+/// `opts` with the storage the base directory names (a bucket per `storage.cfg`, else the
+/// host's `segments/` directory), unless a test already injected one.
+fn with_storage(base: &Path, dir: &Path, host: &str, mut opts: RepoOptions) -> Result<RepoOptions> {
+    if opts.storage.is_some() {
+        return Ok(opts);
+    }
+    let storage: Arc<dyn Storage> = match crate::bucket::Backend::of(base)? {
+        crate::bucket::Backend::Local => {
+            crate::bucket::check_not_marked(dir)?;
+            Arc::new(
+                DirStorage::new(&dir.join("segments"), &dir.join("quarantine"))
+                    .map_err(|e| Error::io("opening segment directory", dir.join("segments"), e))?,
+            )
+        }
+        crate::bucket::Backend::Bucket(cfg) => Arc::new(crate::bucket::BucketStorage::open(&cfg, dir, host)?),
+    };
+    opts.storage = Some(storage);
+    Ok(opts)
+}
+
+/// After a completed set or a purge, with remote storage: the segment is sealed and uploaded,
+/// so that the bucket alone restores every completed set. A failure leaves it staged, durable
+/// on the local disk, for the next seal to retry.
+fn seal_after(log: &mut Log) {
+    if let Err(e) = log.seal_all() {
+        tracing::warn!("segments stay staged until the object store answers: {e}");
+    }
+}
+
 fn now_nanos() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
@@ -225,6 +254,7 @@ impl Repo {
             crate::storage::sync_dir(base).map_err(|e| Error::io("syncing", base, e))?;
         }
         let lock = lock_dir(&dir)?;
+        let opts = with_storage(base, &dir, host, opts)?;
         Repo::open_locked(dir, host, lock, opts, IndexStart::Existing)
     }
 
@@ -233,12 +263,14 @@ impl Repo {
     pub fn rebuild_index(base: &Path, host: &str, opts: RepoOptions) -> Result<ReplayStats> {
         check_host_name(host)?;
         let dir = base.join(host);
-        if !dir.join("segments").is_dir() && opts.storage.is_none() {
+        if opts.storage.is_none() && !crate::bucket::host_exists(base, host)? {
             return Err(Error::NoHost(host.to_owned()));
         }
         // One lock, held from deleting the old index until the new one is complete: no other
         // process may open the repository in between and see, or build, a partial index.
+        fs::create_dir_all(&dir).map_err(|e| Error::io("creating repository directory", &dir, e))?;
         let lock = lock_dir(&dir)?;
+        let opts = with_storage(base, &dir, host, opts)?;
         let repo = Repo::open_locked(dir, host, lock, opts, IndexStart::Fresh)?;
         repo.index.flush()?;
         Ok(repo.replayed.clone())
@@ -247,13 +279,7 @@ impl Repo {
     /// Opens the repository in `dir`, whose lock the caller holds: recovers the log tail, checks
     /// the index against this build and the log, and replays what the index lacks.
     fn open_locked(dir: PathBuf, host: &str, lock: File, opts: RepoOptions, start: IndexStart) -> Result<Repo> {
-        let storage: Arc<dyn Storage> = match opts.storage.clone() {
-            Some(s) => s,
-            None => Arc::new(
-                DirStorage::new(&dir.join("segments"), &dir.join("quarantine"))
-                    .map_err(|e| Error::io("opening segment directory", dir.join("segments"), e))?,
-            ),
-        };
+        let storage: Arc<dyn Storage> = opts.storage.clone().expect("chosen by with_storage");
         let index_dir = dir.join("index");
         if start == IndexStart::Fresh {
             destroy_index(&index_dir)?;
@@ -303,15 +329,33 @@ impl Repo {
             _lock: lock,
         };
         repo.replayed = repo.replay(from)?;
+        if repo.storage.remote() {
+            // Segments left staged by an outage or a crash go up now (the open one stays).
+            if let Err(e) = repo.storage.seal(repo.log_end().segment) {
+                tracing::warn!("segments stay staged until the object store answers: {e}");
+            }
+        }
         if repo.replayed.damage.is_empty() {
             repo.finish_retirement()?;
         }
         Ok(repo)
     }
 
-    /// Whether `base` holds a repository for `host` with at least one record.
-    pub fn exists(base: &Path, host: &str) -> bool {
-        fs::read_dir(base.join(host).join("segments")).is_ok_and(|mut d| d.next().is_some())
+    /// Whether `base` holds a repository for `host` with at least one segment, on the local
+    /// disk or in the base directory's bucket.
+    pub fn exists(base: &Path, host: &str) -> Result<bool> {
+        crate::bucket::host_exists(base, host)
+    }
+
+    /// Uploads the sealed segments that are still staged (remote storage only): the retry
+    /// after an outage of the object store. The daemon calls it periodically.
+    pub fn upload_sealed(&self) -> Result<()> {
+        self.writer().upload_sealed()
+    }
+
+    /// Seals the open segment too and uploads everything (remote storage only): `migrate`.
+    pub fn seal_log(&self) -> Result<()> {
+        self.writer().seal_all()
     }
 
     pub fn host_name(&self) -> &str {
@@ -505,6 +549,13 @@ impl Repo {
         let retired = self.index.retired()?;
         if retired.is_empty() {
             return Ok(());
+        }
+        if self.storage.remote() {
+            // The copies must be in the bucket before what they replace leaves it.
+            if let Err(e) = self.writer().seal_all() {
+                tracing::warn!("retired segments stay until the copies are uploaded: {e}");
+                return Ok(());
+            }
         }
         let current = self.writer().end().segment;
         let present = self.storage.list().map_err(|e| Error::io("listing segments in", self.storage.describe(0), e))?;
@@ -860,7 +911,9 @@ impl Repository for Repo {
         let mut log = self.writer();
         self.require_open(set)?;
         let e = Event::SetCompleted(SetCompleted { set, finished: self.now(), stats, seal: seal.map(Into::into) });
-        Ok(self.commit(&mut log, vec![(e, Vec::new())])?)
+        self.commit(&mut log, vec![(e, Vec::new())])?;
+        seal_after(&mut log);
+        Ok(())
     }
 
     fn config(&self) -> tardis_core::Result<BTreeMap<String, String>> {
@@ -923,7 +976,9 @@ impl Repository for Repo {
         if events.is_empty() {
             return Ok(());
         }
-        Ok(self.commit(&mut log, events)?)
+        self.commit(&mut log, events)?;
+        seal_after(&mut log);
+        Ok(())
     }
 }
 

@@ -179,10 +179,11 @@ impl Log {
             tracing::warn!(segment = last, offset, bytes = bytes.len(), "cut uncommitted tail of the log");
             recovery.trimmed = Some(Trim { segment: last, offset, bytes: bytes.len() as u64, quarantine });
         }
-        if recovery.damage.is_empty() {
+        if recovery.damage.is_empty() && storage.appendable(last) {
             log.writer = Some(storage.open_append(last).map_err(|e| Error::io("opening", storage.describe(last), e))?);
         }
-        // With damage, `writer` stays empty and the next batch starts a new segment.
+        // With damage, or when the last segment is sealed in a bucket, `writer` stays empty and
+        // the next batch starts a new segment.
         Ok((log, recovery))
     }
 
@@ -190,6 +191,23 @@ impl Log {
     /// the segment it was appending to can be retired like any other.
     pub fn roll(&mut self) {
         self.writer = None;
+    }
+
+    /// With remote storage, ends the current segment and uploads every segment not yet
+    /// uploaded; a no-op for local storage. An error leaves them staged (durable locally).
+    pub fn seal_all(&mut self) -> Result<()> {
+        if !self.storage.remote() {
+            return Ok(());
+        }
+        self.writer = None;
+        self.storage.seal(self.segment + 1).map_err(|e| Error::io("sealing", self.storage.describe(self.segment), e))
+    }
+
+    /// With remote storage, uploads the segments that are sealed but still staged (after an
+    /// outage of the store); the open segment stays open.
+    pub fn upload_sealed(&mut self) -> Result<()> {
+        let below = if self.writer.is_some() { self.segment } else { self.segment + 1 };
+        self.storage.seal(below).map_err(|e| Error::io("sealing", self.storage.describe(self.segment), e))
     }
 
     /// Refuses further writes until the log is reopened: the caller could not finish what a
@@ -282,6 +300,10 @@ impl Log {
             self.writer = Some(w);
             self.segment = seg;
             self.end = SEGMENT_HEADER_LEN as u64;
+            if let Err(e) = self.storage.seal(seg) {
+                // Staged and durable locally; the next seal retries (the store may be down).
+                tracing::warn!(segment = seg - 1, "segment stays staged: {e}");
+            }
         }
         let path = self.storage.describe(self.segment);
         let w = self.writer.as_mut().ok_or(Error::Poisoned)?;

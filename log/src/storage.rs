@@ -46,6 +46,20 @@ pub trait Storage: Send + Sync + Debug {
     fn space(&self) -> io::Result<Option<Space>> {
         Ok(None)
     }
+    /// Whether `open_append` can reopen `seg` (a segment sealed in a bucket cannot).
+    fn appendable(&self, _seg: u64) -> bool {
+        true
+    }
+    /// Whether sealed segments move elsewhere ([`Storage::seal`]): the log then seals its
+    /// segment after every completed set and before compaction deletes anything.
+    fn remote(&self) -> bool {
+        false
+    }
+    /// Segments numbered below `below` will never be appended to again: move them to their
+    /// final home (upload them), durably. A no-op for local storage.
+    fn seal(&self, _below: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Free and total bytes of the file system holding the segments.
@@ -98,7 +112,7 @@ impl DirStorage {
         Ok(f)
     }
 
-    fn forget_reader(&self, seg: u64) {
+    pub(crate) fn forget_reader(&self, seg: u64) {
         self.readers.lock().unwrap_or_else(|p| p.into_inner()).remove(&seg);
     }
 }

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::jobs::{JobConfig, MinFree};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tardis_log::bucket::BucketConfig;
 
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/tardis/tardisd.cfg";
@@ -57,6 +58,9 @@ pub struct Config {
     pub max_connections: u32,
     /// The maintenance jobs: scheduled compaction and purging when the disk runs low.
     pub jobs: JobConfig,
+    /// An S3-compatible bucket for the segments (`S3*` keys); the base directory then keeps
+    /// only the indexes, staging and caches.
+    pub bucket: Option<BucketConfig>,
 }
 
 impl Config {
@@ -80,6 +84,7 @@ impl Config {
                 min_free: MinFree::Off,
                 space_check_every: Duration::from_secs(60),
             },
+            bucket: None,
         }
     }
 
@@ -114,10 +119,16 @@ impl Config {
                 return Err(bad("expected `Key = Value`".into()));
             };
             let k = k.trim();
-            let key = KEYS
-                .iter()
-                .find(|known| known.eq_ignore_ascii_case(k))
-                .ok_or_else(|| bad(format!("unknown key {k:?}; valid keys are {}", KEYS.join(", "))))?;
+            let key =
+                KEYS.iter().chain(tardis_log::bucket::KEYS).find(|known| known.eq_ignore_ascii_case(k)).ok_or_else(
+                    || {
+                        bad(format!(
+                            "unknown key {k:?}; valid keys are {}, {}",
+                            KEYS.join(", "),
+                            tardis_log::bucket::KEYS.join(", ")
+                        ))
+                    },
+                )?;
             values.push((key, v.trim().trim_matches('"').to_owned(), i + 1));
         }
         let base = values
@@ -175,11 +186,17 @@ impl Config {
                         .ok_or_else(|| bad("expected a positive number of seconds"))?;
                     c.jobs.space_check_every = Duration::from_secs(s);
                 }
-                _ => unreachable!("every key in KEYS is handled"),
+                s3 => {
+                    let b = c.bucket.get_or_insert_with(BucketConfig::default);
+                    b.set(s3, &v).map_err(|why| bad(&why))?;
+                }
             }
         }
         if c.port == 0 {
             return Err(Error::Config(format!("{}: Port must not be 0", path.display())));
+        }
+        if let Some(b) = &c.bucket {
+            b.check().map_err(|why| Error::Config(format!("{}: {why}", path.display())))?;
         }
         Ok(c)
     }
@@ -228,5 +245,11 @@ mod tests {
         assert!(e.contains("yes or no"), "{e}");
         assert!(parse("just words\n").is_err());
         assert!(parse("Port = 0\n").is_err());
+        let c = parse("S3Bucket = backups\nS3Endpoint = http://127.0.0.1:9000\n").unwrap();
+        assert_eq!(c.bucket.unwrap().endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        let e = parse("S3Prefix = x\n").unwrap_err().to_string();
+        assert!(e.contains("S3Bucket is missing"), "{e}");
+        let e = parse("S3Bucket = NO\n").unwrap_err().to_string();
+        assert!(e.contains("t.cfg:1") && e.contains("bucket name"), "{e}");
     }
 }

@@ -41,15 +41,8 @@ impl MinFree {
             let p: f64 = p.trim().parse().ok()?;
             return (0.0..100.0).contains(&p).then_some(if p == 0.0 { MinFree::Off } else { MinFree::Percent(p) });
         }
-        let (num, mult) = match v.char_indices().last()? {
-            (i, 'K' | 'k') => (&v[..i], 1u64 << 10),
-            (i, 'M' | 'm') => (&v[..i], 1 << 20),
-            (i, 'G' | 'g') => (&v[..i], 1 << 30),
-            (i, 'T' | 't') => (&v[..i], 1 << 40),
-            _ => (v, 1),
-        };
-        let n: u64 = num.trim().parse().ok()?;
-        Some(if n == 0 { MinFree::Off } else { MinFree::Bytes(n.checked_mul(mult)?) })
+        let n = tardis_core::config::parse_size(v)?;
+        Some(if n == 0 { MinFree::Off } else { MinFree::Bytes(n) })
     }
 
     fn bytes(self, total: u64) -> u64 {
@@ -70,12 +63,24 @@ fn space(path: &Path) -> std::io::Result<(u64, u64)> {
     Ok((s.blocks_available() as u64 * frsize, s.blocks() as u64 * frsize))
 }
 
+/// How often segments left staged by an outage of the object store are retried.
+const UPLOAD_RETRY: Duration = Duration::from_secs(30);
+
 /// Runs the jobs until `stop` is set. Errors are logged, never fatal: the next round retries.
 pub fn run(service: Arc<Service>, config: JobConfig, stop: Arc<AtomicBool>) {
     let mut next_compact = config.compact_every.map(|d| Instant::now() + d);
     let mut next_space = Instant::now();
+    let mut next_upload = Instant::now() + UPLOAD_RETRY;
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
+        if now >= next_upload {
+            for h in service.open_hosts() {
+                if let Err(e) = h.repo().upload_sealed() {
+                    tracing::warn!(host = h.name(), "segments stay staged: {e}");
+                }
+            }
+            next_upload = now + UPLOAD_RETRY;
+        }
         if config.min_free != MinFree::Off && now >= next_space {
             manage_space(&service, &config);
             next_space = now + config.space_check_every;

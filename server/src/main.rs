@@ -137,6 +137,15 @@ fn run(_cli: &Cli, config: Config) -> anyhow::Result<()> {
     init_logging(&config)?;
     std::fs::create_dir_all(&config.base_dir)
         .with_context(|| format!("creating BaseDir {}", config.base_dir.display()))?;
+    if let Some(bucket) = &config.bucket {
+        tardis_log::bucket::adopt(&config.base_dir, bucket)?;
+        bucket.client()?; // the credentials are readable: a configuration error stops here
+        match tardis_log::bucket::host_names(&config.base_dir) {
+            Ok(hosts) => tracing::info!(bucket = bucket.url(), hosts = hosts.len(), "segments are kept in the bucket"),
+            // An outage is not a configuration error: backups stage locally until it ends.
+            Err(e) => tracing::warn!(bucket = bucket.url(), "the bucket does not answer yet: {e}"),
+        }
+    }
     let mut names = vec!["localhost".to_owned()];
     if let Ok(h) = nix::unistd::gethostname() {
         if let Some(h) = h.to_str().filter(|h| !h.is_empty()) {

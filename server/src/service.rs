@@ -74,6 +74,10 @@ impl Host {
     pub fn repo(&self) -> &Repo {
         &self.repo
     }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 /// What a client presents to log in: its proof for this connection's binding, its run's
@@ -122,7 +126,7 @@ impl Service {
         if let Some(h) = hosts.get(name) {
             return Ok(Some(h.clone()));
         }
-        if !create && !Repo::exists(&self.base, name) {
+        if !create && !Repo::exists(&self.base, name)? {
             return Ok(None);
         }
         let repo = Repo::open(&self.base, name, RepoOptions::default())?;
@@ -139,14 +143,10 @@ impl Service {
 
     /// Every host with a repository under `BaseDir`, sorted.
     pub fn host_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.base)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| !n.starts_with('.') && Repo::exists(&self.base, n))
-            .collect();
-        names.sort();
-        names
+        tardis_log::bucket::host_names(&self.base).unwrap_or_else(|e| {
+            tracing::error!("listing the hosts: {e}");
+            Vec::new()
+        })
     }
 
     /// A host's open repository (opened if needed), for the maintenance jobs; `None` (with
@@ -159,6 +159,11 @@ impl Service {
                 None
             }
         }
+    }
+
+    /// The repositories open now.
+    pub fn open_hosts(&self) -> Vec<Arc<Host>> {
+        self.hosts.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
     /// Drops every open repository (on shutdown, once no request uses them).

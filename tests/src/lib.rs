@@ -11,6 +11,7 @@
 pub mod netns;
 pub mod relay;
 
+pub mod s3;
 pub mod server;
 
 use std::collections::BTreeMap;

@@ -567,3 +567,29 @@ fn versions_stored_as_delta_chains_read_back_through_the_mount() {
         }
     });
 }
+
+/// A repository whose segments are in an S3-compatible bucket mounts like a local one: the
+/// mount reads the segments back with ranged GETs through the bucket's cache.
+#[test]
+fn a_bucket_backed_repository_mounts_and_reads_back() {
+    let Some(s3s) = tardis_tests::s3::program() else { return };
+    let Some((work, src, db, mnt)) = local_setup() else { return };
+    let store = tardis_tests::s3::S3Server::start(&s3s, &work.path().join("s3"));
+    build_tree(&src);
+    backup(&db, &src, "local");
+    let m1 = manifest(&src);
+    let cfg = work.path().join("s3.cfg");
+    fs::write(&cfg, store.settings("m")).unwrap();
+    let args = ["--db", db.to_str().unwrap(), "--host", "h", "migrate", "--config", cfg.to_str().unwrap()];
+    let out = run_s("tardis-tools", &args);
+    assert!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
+    fs::write(src.join("plain.txt"), "in the bucket\n").unwrap();
+    backup(&db, &src, "bucket");
+    let m2 = manifest(&src);
+    assert!(store.segments("m", "h").len() >= 2);
+
+    let opts = format!("database={},host=h,password=pw", db.display());
+    let _mount = Mounted::foreground(&opts, &mnt, &work.path().join("tardisfs.log"));
+    assert_same(&m1, &mounted_manifest(&inside(&mnt.join("local"), &src)), "first set, from the bucket");
+    assert_same(&m2, &mounted_manifest(&inside(&mnt.join("bucket"), &src)), "second set, from the bucket");
+}

@@ -74,6 +74,20 @@ enum Command {
     },
     /// Rebuild the index from the segment log alone
     RebuildIndex,
+    /// Move every host of --db into an S3-compatible bucket, so that only indexes and caches
+    /// stay on the local disk
+    ///
+    /// Reads the S3 keys (S3Endpoint, S3Bucket, S3Prefix, S3Region, S3CredentialsFile,
+    /// S3CacheSize) from FILE, a tardisd.cfg or a file with only those keys; credentials come
+    /// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or from S3CredentialsFile. Every segment
+    /// is uploaded and its length checked before --db switches to the bucket (by writing
+    /// storage.cfg); only then are the local copies deleted. Stop tardisd first. An interrupted
+    /// migration is finished by running it again.
+    Migrate {
+        /// File with the S3 keys
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Show or change the host's configuration stored in the repository
     ///
     /// Without arguments, prints every key with its value ("(default)" when not set). With KEY,
@@ -279,10 +293,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
              at its BaseDir (and tardisd stopped for rebuild-index and compact)"
         );
     }
+    if let Command::Migrate { config } = &cli.command {
+        migrate(&cli.repo.db_dir(), config)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Command::RebuildIndex = cli.command {
         let db = cli.repo.db_dir();
         let host = cli.repo.host_name()?;
-        if !Repo::exists(&db, &host) {
+        if !Repo::exists(&db, &host)? {
             bail!("no backups of host {host} in {}; check --host and --db", db.display());
         }
         let stats = Repo::rebuild_index(&db, &host, RepoOptions::default())?;
@@ -365,7 +383,54 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(())
         }
-        Command::RebuildIndex => unreachable!("handled before the repository is opened"),
+        Command::RebuildIndex | Command::Migrate { .. } => unreachable!("handled before the repository is opened"),
     };
     done.map(|()| ExitCode::SUCCESS)
+}
+
+/// `migrate`: uploads every host's segments, then switches the base directory to the bucket.
+fn migrate(db: &std::path::Path, config: &std::path::Path) -> Result<()> {
+    use tardis_log::bucket::{self, Backend, BucketStorage};
+    use tardis_log::storage::Storage;
+    let cfg = bucket::BucketConfig::from_file(config, true)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} has no S3 keys; add at least S3Bucket = NAME (and S3Endpoint for a server other than AWS)",
+            config.display()
+        )
+    })?;
+    if let Backend::Bucket(old) = Backend::of(db)? {
+        bail!("{} already keeps its segments in {}; nothing to migrate", db.display(), old.url());
+    }
+    let hosts = bucket::host_names(db)?;
+    if hosts.is_empty() {
+        bail!("no repositories in {}; check --db", db.display());
+    }
+    for host in &hosts {
+        let dir = db.join(host);
+        let local = tardis_log::storage::DirStorage::new(&dir.join("segments"), &dir.join("quarantine"))?;
+        let remote = bucket::remote_segments(&cfg, host)?;
+        // A rerun after an interruption finds its own uploads: same numbers, same lengths.
+        for (seg, len) in &remote {
+            if local.len(*seg).ok() != Some(*len) {
+                bail!(
+                    "{} already holds segment {seg} of host {host}, which is not this repository's; \
+                     give another S3Prefix",
+                    cfg.url()
+                );
+            }
+        }
+        let storage = std::sync::Arc::new(BucketStorage::open(&cfg, &dir, host)?);
+        let repo = Repo::open(db, host, RepoOptions { storage: Some(storage.clone()), ..RepoOptions::default() })?;
+        repo.seal_log()?;
+        let segments = storage.list()?;
+        let bytes: u64 = segments.iter().map(|s| storage.len(*s)).sum::<std::io::Result<u64>>()?;
+        println!("host {host}: {} segments, {bytes} bytes in {}", segments.len(), cfg.url());
+    }
+    bucket::write_descriptor(db, &cfg)?;
+    // Opened through storage.cfg, each host drops the local copies the bucket now holds.
+    for host in &hosts {
+        Repo::open(db, host, RepoOptions::default())?;
+    }
+    println!("{} now keeps its segments in {}", db.display(), cfg.url());
+    Ok(())
 }
