@@ -1,9 +1,11 @@
-//! The daemon's configuration file (`tardisd.cfg`): any text. Parsing either refuses with a
-//! message naming the file, or gives a configuration whose values are in range.
+//! The daemon's configuration file (`tardisd.cfg`) and a base directory's `storage.cfg`: any
+//! text. Parsing either refuses with a message naming the file, or gives a configuration whose
+//! values are in range; a bucket's settings survive being written out and read back.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
+use tardis_log::bucket::BucketConfig;
 use tardis_server::config::Config;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,5 +20,14 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(again, c);
         }
         Err(e) => assert!(e.to_string().contains("/fuzz/tardisd.cfg"), "the error names the file: {e}"),
+    }
+    match BucketConfig::parse(text, Path::new("/fuzz/storage.cfg"), false) {
+        Ok(Some(b)) => {
+            assert!(b.check().is_ok());
+            let again = BucketConfig::parse(&b.render(), Path::new("/fuzz/storage.cfg"), false);
+            assert_eq!(again.expect("rendered settings parse").as_ref(), Some(&b));
+        }
+        Ok(None) => {}
+        Err(e) => assert!(e.to_string().contains("/fuzz/storage.cfg"), "the error names the file: {e}"),
     }
 });

@@ -83,10 +83,12 @@ impl BucketConfig {
         let Some(key) = KEYS.iter().find(|k| k.eq_ignore_ascii_case(key)) else { return Ok(false) };
         match *key {
             "S3Endpoint" => {
-                if !(value.starts_with("http://") || value.starts_with("https://")) {
+                let url = value.trim_end_matches('/');
+                let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+                if rest.is_none_or(str::is_empty) {
                     return Err("expected a URL starting with http:// or https://".into());
                 }
-                self.endpoint = Some(value.trim_end_matches('/').to_owned());
+                self.endpoint = Some(url.to_owned());
             }
             "S3Bucket" => {
                 let ok = (3..=63).contains(&value.len())
@@ -97,7 +99,12 @@ impl BucketConfig {
                 self.bucket = value.to_owned();
             }
             "S3Prefix" => {
-                let p = value.trim_matches('/');
+                // Slashes and blanks at either end are not part of the prefix (stable: a
+                // rendered prefix reads back the same).
+                let mut p = value;
+                while p.trim().trim_matches('/') != p {
+                    p = p.trim().trim_matches('/');
+                }
                 if p.split('/').any(|part| part.is_empty() || part == "." || part == "..") && !p.is_empty() {
                     return Err("expected path parts separated by '/', none empty, '.' or '..'".into());
                 }
@@ -118,6 +125,11 @@ impl BucketConfig {
     /// `other_keys` is true, whose other keys are skipped). `None` if it names no bucket.
     pub fn from_file(path: &Path, other_keys: bool) -> Result<Option<BucketConfig>> {
         let text = fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+        BucketConfig::parse(&text, path, other_keys)
+    }
+
+    /// Parses the text of such a file (`path` is for messages).
+    pub fn parse(text: &str, path: &Path, other_keys: bool) -> Result<Option<BucketConfig>> {
         let mut cfg = BucketConfig::default();
         let mut any = false;
         for (i, raw) in text.lines().enumerate() {
@@ -127,7 +139,7 @@ impl BucketConfig {
             }
             let bad = |why: String| Error::Refused(format!("{}:{}: {why}", path.display(), i + 1));
             let Some((k, v)) = line.split_once('=') else { return Err(bad("expected `Key = Value`".into())) };
-            let (k, v) = (k.trim(), v.trim().trim_matches('"'));
+            let (k, v) = (k.trim(), v.trim().trim_matches('"').trim());
             match cfg.set(k, v) {
                 Ok(true) => any = true,
                 Ok(false) if other_keys => {}

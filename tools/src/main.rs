@@ -82,7 +82,8 @@ enum Command {
     /// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or from S3CredentialsFile. Every segment
     /// is uploaded and its length checked before --db switches to the bucket (by writing
     /// storage.cfg); only then are the local copies deleted. Stop tardisd first. An interrupted
-    /// migration is finished by running it again.
+    /// migration is finished by running it again. On an empty or new --db, this sets up a
+    /// repository whose first backup already goes to the bucket.
     Migrate {
         /// File with the S3 keys
         #[arg(long, value_name = "FILE")]
@@ -402,9 +403,6 @@ fn migrate(db: &std::path::Path, config: &std::path::Path) -> Result<()> {
         bail!("{} already keeps its segments in {}; nothing to migrate", db.display(), old.url());
     }
     let hosts = bucket::host_names(db)?;
-    if hosts.is_empty() {
-        bail!("no repositories in {}; check --db", db.display());
-    }
     for host in &hosts {
         let dir = db.join(host);
         let local = tardis_log::storage::DirStorage::new(&dir.join("segments"), &dir.join("quarantine"))?;
