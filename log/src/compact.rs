@@ -2,20 +2,31 @@
 //! those segments are then retired (deleted). `docs/FORMAT.md` §7 (W10–W14) and §8.8 give the
 //! rules and the crash analysis; in short:
 //!
-//! 1. Under the writer lock, the liveness of every record is computed from the index (which
-//!    rows and chunks a kept set, the open set or a future set can still see) and the log is
-//!    scanned once to size each segment's live bytes. A log with damage is not compacted.
-//! 2. The live records of each chosen segment are appended, byte for byte, as ordinary batches
-//!    (fsynced, then applied: the index points at the latest copy of a chunk or an entry row).
-//!    If the segment being appended to is chosen, the log first rolls to a new one.
-//! 3. A `SegmentsCompacted` batch names the retired segments with their batch ranges; applying
-//!    it drops the index rows that still point into them (the dead ones).
-//! 4. The index is flushed, and only then are the retired segment files deleted. Last, the
-//!    index's own files are compacted, so the rows the copies replaced stop taking space.
+//! 1. Under the writer lock, briefly: the liveness of every record is computed from the index
+//!    (which rows and chunks a kept set, the open set or a future set can still see), and the
+//!    end of the log is noted. Everything before that end is immutable from then on.
+//! 2. Without the lock: the log up to that end is scanned once to size each segment's live
+//!    bytes (a log with damage is not compacted), and the live chunks and entry rows of each
+//!    chosen segment are appended, byte for byte, as ordinary batches, each taking the writer
+//!    lock only for its append (fsynced, then applied: the index points at the latest copy).
+//!    Backups append their own batches in between.
+//! 3. Under the writer lock again: the host, key, set and config records of the chosen segments
+//!    that are still the latest of their key (records appended meanwhile are read to know) are
+//!    copied, and a `SegmentsCompacted` batch names the retired segments with their batch
+//!    ranges; applying it drops the index rows that still point into them (the dead ones).
+//! 4. The index is flushed (and, with a bucket, the copies uploaded), and only then are the
+//!    retired segments deleted. Last, the index's own files are compacted.
 //!
-//! A crash before step 3 leaves the old segments authoritative for what was not yet copied and
-//! the copies for what was (both are complete, valid records); a crash after it leaves the
-//! copies authoritative, and the next open deletes the retired files that are left
+//! Backups meanwhile: a set open in step 1 keeps every chunk live, and segments holding its
+//! entry rows are not chosen (the backup may still replace those rows). A set opened after
+//! step 1 may have been told by `missing_chunks` that a chunk step 1 found dead exists, so the
+//! run stops before the switch, retiring nothing ([`CompactReport::interrupted`]); its copies
+//! are ordinary duplicates that the next run reclaims. The segment being appended to in step 1
+//! is retired only if nothing was appended to it since.
+//!
+//! A crash before step 3's switch leaves the old segments authoritative for what was not yet
+//! copied and the copies for what was (both are complete, valid records); a crash after it
+//! leaves the copies authoritative, and the next open deletes the retired files that are left
 //! ([`crate::Repo::open`]). There is no state in which neither holds a live record.
 
 use crate::error::{Error, Result};
@@ -58,6 +69,9 @@ pub struct CompactReport {
     pub copied_bytes: u64,
     /// A set was open, so every chunk was kept (see [`live_positions`]).
     pub pinned_by_open_set: Option<SetId>,
+    /// A backup opened a set while the records were copied, so nothing was retired: run again
+    /// once it has finished.
+    pub interrupted: bool,
 }
 
 /// Which records are live, by position: the entry rows and chunks that some set can still see.
@@ -166,8 +180,8 @@ struct RecInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Class {
-    /// Live iff the index points at this position (chunks, entry rows).
-    Indexed,
+    /// Live iff the index points at this position (chunks; entry rows, with their set).
+    Indexed(Option<SetId>),
     /// Only the latest record of this key is live (host, key, set and config events).
     Latest(u8, Vec<u8>),
     /// Always live (compaction records: they explain the gaps in the sequence).
@@ -187,7 +201,9 @@ fn classify(r: &segments::ScannedRecord) -> Result<Class> {
     let event = Event::decode(r.header.kind, r.header.version, &r.meta)
         .map_err(|e| segments::corrupt(r.pos.segment, r.pos.offset, e))?;
     Ok(match event {
-        Event::ChunkStored(_) | Event::FileVersion(_) | Event::EntryDeleted(_) => Class::Indexed,
+        Event::ChunkStored(_) => Class::Indexed(None),
+        Event::FileVersion(e) => Class::Indexed(Some(e.set)),
+        Event::EntryDeleted(e) => Class::Indexed(Some(e.set)),
         Event::HostCreated(_) => Class::Latest(kind::HOST_CREATED, Vec::new()),
         Event::KeyWrapped(_) => Class::Latest(kind::KEY_WRAPPED, Vec::new()),
         Event::SetOpened(e) => Class::Latest(kind::SET_OPENED, e.set.to_be_bytes().to_vec()),
@@ -199,15 +215,19 @@ fn classify(r: &segments::ScannedRecord) -> Result<Class> {
     })
 }
 
-/// Reads every segment (headers and metas; bodies are read when copied, with their CRC
-/// checked): the class and size of every record, each segment's batch range, and the position of
-/// the latest record of every `Latest` key. Damage anywhere refuses the compaction.
-fn scan(storage: &dyn crate::storage::Storage) -> Result<(BTreeMap<u64, SegInfo>, Latest)> {
+/// Reads every segment up to `end` (headers and metas; bodies are read when copied, with their
+/// CRC checked): the class and size of every record, each segment's batch range, and the
+/// position of the latest record of every `Latest` key. Damage anywhere refuses the compaction.
+fn scan(storage: &dyn crate::storage::Storage, end: Pos) -> Result<(BTreeMap<u64, SegInfo>, Latest)> {
     let mut segs = BTreeMap::new();
     let mut latest: Latest = HashMap::new();
     let list = storage.list().map_err(|e| Error::io("listing segments in", storage.describe(0), e))?;
-    for seg in list {
-        let len = storage.len(seg).map_err(|e| Error::io("reading length of", storage.describe(seg), e))?;
+    for seg in list.into_iter().filter(|s| *s <= end.segment) {
+        // The segment being appended to is read only up to where the log ended in step 1.
+        let len = match seg == end.segment {
+            true => end.offset,
+            false => storage.len(seg).map_err(|e| Error::io("reading length of", storage.describe(seg), e))?,
+        };
         let header = segments::read_segment_header(storage, seg, len)?;
         let mut info = SegInfo { len, first_seq: header.first_seq, next_seq: header.first_seq, records: Vec::new() };
         let header_len = crate::frame::SEGMENT_HEADER_LEN as u64;
@@ -243,38 +263,46 @@ type Latest = HashMap<(u8, Vec<u8>), Pos>;
 const COPY_BATCH_BYTES: usize = 8 << 20;
 
 impl crate::Repo {
-    /// Compacts the log: see the module documentation. Holds the writer lock throughout, so no
-    /// batch is appended meanwhile (in `tardisd`, backups wait for it).
+    /// Compacts the log: see the module documentation. Backups run meanwhile; the writer lock
+    /// is held only to compute liveness, for each copy batch, and for the switch.
     pub fn compact(&self, opts: &CompactOptions) -> Result<CompactReport> {
-        let mut log = self.writer();
-        if log.is_poisoned() {
-            return Err(Error::Poisoned);
-        }
+        let _one_at_a_time = self.compaction_lock();
         let storage = self.storage().clone();
-        let current = log.end().segment;
-        let live = live_positions(self.index())?;
+        // Step 1: liveness from an index that stands still, and the end of the log it matches.
+        let (live, start, newest) = {
+            let log = self.writer();
+            if log.is_poisoned() {
+                return Err(Error::Poisoned);
+            }
+            (live_positions(self.index())?, log.end(), newest_set(self.index()))
+        };
+        if start.segment == 0 {
+            return Ok(CompactReport::default());
+        }
 
-        // One scan of the whole log: each record's class and size, each segment's batch range.
-        let (segs, latest) = scan(storage.as_ref())?;
-        let is_live = |r: &RecInfo| match &r.class {
-            Class::Indexed => live.positions.contains(&r.pos),
+        // Step 2: one scan of the log up to that end, then the copies of chunks and rows.
+        let (segs, mut latest) = scan(storage.as_ref(), start)?;
+        let is_live = |r: &RecInfo, latest: &Latest| match &r.class {
+            Class::Indexed(_) => live.positions.contains(&r.pos),
             Class::Latest(k, key) => latest.get(&(*k, key.clone())) == Some(&r.pos),
             Class::Always => true,
         };
-
         let mut report = CompactReport {
             segments_before: segs.len() as u64,
             bytes_before: segs.values().map(|s| s.len).sum(),
             pinned_by_open_set: live.open_set,
             ..CompactReport::default()
         };
-        let victims: Vec<u64> = segs
+        let mut victims: Vec<u64> = segs
             .iter()
             .filter(|(_, info)| {
+                // The running backup may still replace its own rows: their segments stay.
+                let holds_open_rows = live.open_set.is_some()
+                    && info.records.iter().any(|r| r.class == Class::Indexed(live.open_set) && is_live(r, &latest));
                 let total: u64 = info.records.iter().map(|r| r.len).sum();
-                let kept: u64 = info.records.iter().filter(|r| is_live(r)).map(|r| r.len).sum();
+                let kept: u64 = info.records.iter().filter(|r| is_live(r, &latest)).map(|r| r.len).sum();
                 // An empty segment (a header and nothing else) is all overhead.
-                total == 0 || (kept as f64) < opts.threshold * total as f64
+                !holds_open_rows && (total == 0 || (kept as f64) < opts.threshold * total as f64)
             })
             .map(|(seg, _)| *seg)
             .collect();
@@ -284,37 +312,63 @@ impl crate::Repo {
             return Ok(report);
         }
 
-        if victims.contains(&current) {
-            // The segment being appended to goes too: the copies start a new one.
-            log.roll();
-        }
-
-        // Copy, in log order, in bounded batches. Each batch is durable before it is applied.
-        let mut pending: Vec<(u8, u8, Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut pending_bytes = 0usize;
-        let mut created: Vec<u64> = Vec::new();
+        let mut batch =
+            CopyBatch { created: Vec::new(), pending: Vec::new(), bytes: 0, max: opts.batch_records.max(1) };
         for seg in &victims {
-            for r in segs[seg].records.iter().filter(|r| is_live(r)) {
+            for r in segs[seg].records.iter().filter(|r| matches!(r.class, Class::Indexed(_) | Class::Always)) {
+                if !is_live(r, &latest) {
+                    continue;
+                }
                 let (header, meta, body) = segments::read_record(storage.as_ref(), r.pos)?;
-                pending_bytes += meta.len() + body.len();
                 report.copied_records += 1;
                 report.copied_bytes += r.len;
-                pending.push((header.kind, header.version, meta, body));
-                if pending_bytes >= COPY_BATCH_BYTES || pending.len() >= opts.batch_records.max(1) {
-                    let end = self.commit_raw(&mut log, std::mem::take(&mut pending))?;
-                    created.push(end.segment);
-                    pending_bytes = 0;
+                if batch.push(header.kind, header.version, meta, body) {
+                    let mut log = self.writer();
+                    if newest_set(self.index()) != newest {
+                        return Ok(interrupted(report));
+                    }
+                    batch.commit(self, &mut log)?;
                 }
             }
         }
-        if !pending.is_empty() {
-            let end = self.commit_raw(&mut log, pending)?;
-            created.push(end.segment);
-        }
-        created.dedup();
 
+        // Step 3, under the lock to the end: the latest-of-their-key records and the switch.
+        let mut log = self.writer();
+        if newest_set(self.index()) != newest {
+            return Ok(interrupted(report));
+        }
+        let grown = storage
+            .len(start.segment)
+            .map_err(|e| Error::io("reading length of", storage.describe(start.segment), e))?
+            > start.offset;
+        if grown {
+            // Appended to since step 1: its new records were not scanned, so it stays.
+            victims.retain(|s| *s != start.segment);
+        } else if victims.contains(&start.segment) {
+            log.roll();
+        }
+        // Host, key, set and config records appended since step 1 supersede older copies.
+        latest_since(storage.as_ref(), start, log.end(), &mut latest)?;
+        for seg in &victims {
+            for r in segs[seg].records.iter().filter(|r| matches!(r.class, Class::Latest(..))) {
+                if is_live(r, &latest) {
+                    let (header, meta, body) = segments::read_record(storage.as_ref(), r.pos)?;
+                    report.copied_records += 1;
+                    report.copied_bytes += r.len;
+                    batch.push(header.kind, header.version, meta, body);
+                }
+            }
+        }
+        batch.commit(self, &mut log)?;
+        if victims.is_empty() {
+            report.segments_after = report.segments_before;
+            report.bytes_after = report.bytes_before;
+            return Ok(report);
+        }
         // The switch: one durable record names what is retired.
         let ranges = victims.iter().map(|s| [segs[s].first_seq, segs[s].next_seq]).collect();
+        let mut created = std::mem::take(&mut batch.created);
+        created.dedup();
         let event = Event::SegmentsCompacted(SegmentsCompacted { retired: victims.clone(), created, ranges });
         let meta = event.encode();
         self.commit_raw(&mut log, vec![(event.kind(), tardis_core::event::PAYLOAD_VERSION, meta, Vec::new())])?;
@@ -326,6 +380,7 @@ impl crate::Repo {
         for seg in &victims {
             storage.remove(*seg).map_err(|e| Error::io("removing retired segment", storage.describe(*seg), e))?;
         }
+        drop(log);
         report.retired = victims;
         self.index().compact_files();
         let after = storage.list().map_err(|e| Error::io("listing segments in", storage.describe(0), e))?;
@@ -360,4 +415,70 @@ impl crate::Repo {
         }
         Ok(end)
     }
+}
+
+/// Records copied and not yet appended.
+struct CopyBatch {
+    /// Segments the copies went to.
+    created: Vec<u64>,
+    pending: Vec<(u8, u8, Vec<u8>, Vec<u8>)>,
+    bytes: usize,
+    max: usize,
+}
+
+impl CopyBatch {
+    /// Adds a record; true when the batch is full and should be committed.
+    fn push(&mut self, kind: u8, version: u8, meta: Vec<u8>, body: Vec<u8>) -> bool {
+        self.bytes += meta.len() + body.len();
+        self.pending.push((kind, version, meta, body));
+        self.bytes >= COPY_BATCH_BYTES || self.pending.len() >= self.max
+    }
+
+    /// Appends what is pending as one durable batch (nothing if empty).
+    fn commit(&mut self, repo: &crate::Repo, log: &mut segments::Log) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let end = repo.commit_raw(log, std::mem::take(&mut self.pending))?;
+        self.bytes = 0;
+        self.created.push(end.segment);
+        Ok(())
+    }
+}
+
+/// The newest set the index knows: a set opened after step 1 changes it.
+fn newest_set(index: &Index) -> Option<SetId> {
+    index.with_set_rows(|rows| rows.keys().next_back().copied())
+}
+
+fn interrupted(mut report: CompactReport) -> CompactReport {
+    tracing::info!("a backup started during compaction: nothing retired this time");
+    report.interrupted = true;
+    report.segments_after = report.segments_before;
+    report.bytes_after = report.bytes_before;
+    report
+}
+
+/// Updates `latest` with the host, key, set and config records appended between `from` and
+/// `to` (called under the writer lock, so that stretch of the log stands still).
+fn latest_since(storage: &dyn crate::storage::Storage, from: Pos, to: Pos, latest: &mut Latest) -> Result<()> {
+    for seg in from.segment..=to.segment {
+        let len = storage.len(seg).map_err(|e| Error::io("reading length of", storage.describe(seg), e))?;
+        let (begin, before) = match seg == from.segment {
+            true => (from.offset, None),
+            false => (crate::frame::SEGMENT_HEADER_LEN as u64, None),
+        };
+        if begin >= len {
+            continue;
+        }
+        segments::scan_segment(storage, seg, begin, len, before, false, &mut |batch: Batch| {
+            for r in &batch.records {
+                if let Class::Latest(k, key) = classify(r)? {
+                    latest.insert((k, key), r.pos);
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
 }

@@ -125,6 +125,8 @@ pub struct Repo {
     recovery: Recovery,
     replayed: ReplayStats,
     clock: Option<Arc<AtomicI64>>,
+    /// Held by a running compaction, so that two never interleave their copies.
+    compaction: Mutex<()>,
     _lock: File,
 }
 
@@ -326,6 +328,7 @@ impl Repo {
             recovery,
             replayed: ReplayStats::default(),
             clock: opts.clock.clone(),
+            compaction: Mutex::new(()),
             _lock: lock,
         };
         repo.replayed = repo.replay(from)?;
@@ -397,6 +400,10 @@ impl Repo {
             Some(c) => c.load(Ordering::SeqCst),
             None => now_nanos(),
         }
+    }
+
+    pub(crate) fn compaction_lock(&self) -> MutexGuard<'_, ()> {
+        self.compaction.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn writer(&self) -> MutexGuard<'_, Log> {

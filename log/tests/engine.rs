@@ -936,6 +936,259 @@ fn an_open_set_pins_every_chunk() {
     observable(&repo, &keys, &kept);
 }
 
+/// Segments in a directory, with a hook run once at the first single-record read that a
+/// compaction makes while copying (the scan before it reads whole windows).
+struct HookStorage {
+    inner: DirStorage,
+    #[allow(clippy::type_complexity)]
+    hook: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl std::fmt::Debug for HookStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookStorage").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+impl HookStorage {
+    /// The repository under `root` (2 KiB segments) on a new `HookStorage`.
+    fn repo(root: &Path) -> (Arc<HookStorage>, Arc<Repo>) {
+        let inner = DirStorage::new(&root.join(HOST).join("segments"), &root.join(HOST).join("quarantine")).unwrap();
+        let storage = Arc::new(HookStorage { inner, hook: std::sync::Mutex::new(None) });
+        let opts = RepoOptions {
+            log: LogOptions { segment_size: 2048 },
+            storage: Some(storage.clone()),
+            ..RepoOptions::default()
+        };
+        (storage, Arc::new(Repo::open(root, HOST, opts).unwrap()))
+    }
+}
+
+impl tardis_log::storage::Storage for HookStorage {
+    fn list(&self) -> std::io::Result<Vec<u64>> {
+        self.inner.list()
+    }
+    fn create(&self, seg: u64, header: &[u8]) -> std::io::Result<Box<dyn tardis_log::storage::SegmentFile>> {
+        self.inner.create(seg, header)
+    }
+    fn open_append(&self, seg: u64) -> std::io::Result<Box<dyn tardis_log::storage::SegmentFile>> {
+        self.inner.open_append(seg)
+    }
+    fn len(&self, seg: u64) -> std::io::Result<u64> {
+        self.inner.len(seg)
+    }
+    fn read_at(&self, seg: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if buf.len() == tardis_log::frame::RECORD_HEADER_LEN {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+        self.inner.read_at(seg, offset, buf)
+    }
+    fn truncate(&self, seg: u64, len: u64) -> std::io::Result<()> {
+        self.inner.truncate(seg, len)
+    }
+    fn remove(&self, seg: u64) -> std::io::Result<()> {
+        self.inner.remove(seg)
+    }
+    fn quarantine(&self, seg: u64, offset: u64, bytes: &[u8]) -> std::io::Result<std::path::PathBuf> {
+        self.inner.quarantine(seg, offset, bytes)
+    }
+    fn describe(&self, seg: u64) -> std::path::PathBuf {
+        self.inner.describe(seg)
+    }
+}
+
+/// A backup that opens its set while compaction copies records may dedup against chunks that
+/// compaction found dead (here: the purged first set's): the compaction stops before its
+/// switch and retires nothing, the backup completes and reads back, and the next compaction
+/// reclaims the space.
+#[test]
+fn a_backup_that_starts_during_compaction_keeps_every_chunk_it_was_promised() {
+    let keys = Arc::new(keys());
+    let dir = tempfile::tempdir().unwrap();
+    let kept = compaction_template(dir.path(), &keys);
+    let (storage, repo) = HookStorage::repo(dir.path());
+    let before = observable(&repo, &keys, &kept);
+    let first = workload_expectation(&keys)[0].clone();
+    let running = Arc::new(std::sync::Mutex::new(None));
+    {
+        let (repo, keys, first, running) = (repo.clone(), keys.clone(), first.clone(), running.clone());
+        *storage.hook.lock().unwrap() = Some(Box::new(move || {
+            // The backup starts and references chunks of the purged first set it was told exist.
+            let set = repo.open_set("during", 10).unwrap();
+            let ids: Vec<_> = first.values().flat_map(|d| d.chunks(4096).map(|p| keys.chunk_id(p))).collect();
+            assert_eq!(repo.missing_chunks(&ids).unwrap(), vec![], "the purged set's chunks are still stored");
+            // So it stores none of them: its versions only reference them.
+            let root_dir = keys.dir_id(&DirId::TOP, view::ROOT_NAME);
+            let root_key = keys.name_key(&DirId::TOP, view::ROOT_NAME);
+            let root_meta = FileMeta { name: view::ROOT_NAME.to_vec().into(), kind: Kind::Dir, ..FileMeta::default() };
+            let mut writes = vec![Write::Version(FileVersion {
+                set,
+                dir: DirId::TOP,
+                name: root_key,
+                extents: vec![],
+                meta: view::seal_meta(&keys, &DirId::TOP, &root_key, set, &root_meta).unwrap(),
+            })];
+            for (name, data) in &first {
+                let extents = data
+                    .chunks(4096)
+                    .enumerate()
+                    .map(|(k, p)| Extent { offset: (k * 4096) as u64, len: p.len() as u32, id: keys.chunk_id(p) })
+                    .collect();
+                let meta = FileMeta {
+                    name: name.as_bytes().to_vec().into(),
+                    kind: Kind::File,
+                    size: data.len() as u64,
+                    ..FileMeta::default()
+                };
+                let key = keys.name_key(&root_dir, name.as_bytes());
+                let meta = view::seal_meta(&keys, &root_dir, &key, set, &meta).unwrap();
+                writes.push(Write::Version(FileVersion { set, dir: root_dir, name: key, extents, meta }));
+            }
+            repo.append(set, writes).unwrap();
+            repo.complete_set(set, SetStats::default(), None).unwrap();
+            *running.lock().unwrap() = Some(set);
+        }));
+    }
+    let report = repo.compact(&CompactOptions { threshold: 0.5, batch_records: 3 }).unwrap();
+    let during = running.lock().unwrap().expect("the hook ran during the copies");
+    assert!(report.interrupted && report.retired.is_empty(), "{report:?}");
+    // Its own files read back (it also sees the files it did not change, from the sets before).
+    let reads_back = |repo: &Repo| {
+        let got = read_set(repo, &keys, during);
+        first.iter().all(|(name, data)| got.get(name) == Some(data))
+    };
+    assert!(reads_back(&repo), "the new set reads back");
+    let after = observable(&repo, &keys, &kept);
+    assert!(after.starts_with(before.split(']').next().unwrap()), "earlier sets unchanged: {before} / {after}");
+
+    // The next run, with no backup starting, retires what is dead and keeps the new set whole.
+    let again = repo.compact(&CompactOptions { threshold: 0.5, batch_records: 3 }).unwrap();
+    assert!(!again.interrupted && !again.retired.is_empty(), "{again:?}");
+    assert!(reads_back(&repo), "the new set reads back after compaction");
+    observable(&repo, &keys, &kept);
+    let check = repo.check_index().unwrap();
+    assert_eq!((check.mismatch_count, check.scan.damage.clone()), (0, vec![]), "{:?}", check.mismatches);
+}
+
+/// A configuration change, a lock and a purge that land while compaction copies are not undone
+/// by the copies of the older records of the same keys that compaction makes at its switch.
+#[test]
+fn changes_made_during_compaction_are_not_undone_by_its_copies() {
+    let keys = Arc::new(keys());
+    let dir = tempfile::tempdir().unwrap();
+    let (storage, repo) = HookStorage::repo(dir.path());
+    repo.create_host(keys.host(), None).unwrap();
+    // A segment that holds the latest config, lock and set records next to dead rows.
+    let small = |tag: &str| BTreeMap::from([(tag.to_owned(), tag.as_bytes().repeat(20))]);
+    let w = repo.open_set("w", 10).unwrap();
+    write_files(&repo, &keys, w, &small("w"), &[]);
+    repo.complete_set(w, SetStats::default(), None).unwrap();
+    let x = repo.open_set("x", 10).unwrap();
+    write_files(&repo, &keys, x, &small("x"), &["w".to_owned()]);
+    repo.complete_set(x, SetStats::default(), None).unwrap();
+    repo.set_config("HourlyKeep", Some("5d")).unwrap();
+    let y = repo.open_set("y", 10).unwrap();
+    write_files(&repo, &keys, y, &small("y"), &["x".to_owned()]);
+    repo.complete_set(y, SetStats::default(), None).unwrap();
+    repo.set_locked(x, true).unwrap();
+    let z = repo.open_set("z", 10).unwrap();
+    write_files(&repo, &keys, z, &small("z"), &[]);
+    repo.complete_set(z, SetStats::default(), None).unwrap();
+    repo.purge_sets(&[w]).unwrap();
+    {
+        let repo = repo.clone();
+        *storage.hook.lock().unwrap() = Some(Box::new(move || {
+            repo.set_config("HourlyKeep", Some("9d")).unwrap();
+            repo.set_locked(x, false).unwrap();
+            repo.purge_sets(&[x]).unwrap();
+        }));
+    }
+    let report = repo.compact(&CompactOptions { threshold: 1.0, batch_records: 1 }).unwrap();
+    assert!(storage.hook.lock().unwrap().is_none(), "the changes were made while records were copied: {report:?}");
+    assert!(!report.interrupted && !report.retired.is_empty(), "{report:?}");
+    assert_eq!(repo.config().unwrap().get("HourlyKeep").map(String::as_str), Some("9d"));
+    let sets = repo.sets().unwrap();
+    let info = sets.iter().find(|s| s.id == x).unwrap();
+    assert!(info.purged && !info.locked, "{info:?}");
+    drop(repo);
+    let opts = RepoOptions { log: LogOptions { segment_size: 2048 }, ..RepoOptions::default() };
+    Repo::rebuild_index(dir.path(), HOST, opts.clone()).unwrap();
+    let repo = Repo::open(dir.path(), HOST, opts).unwrap();
+    assert_eq!(repo.config().unwrap().get("HourlyKeep").map(String::as_str), Some("9d"), "after a rebuild too");
+}
+
+/// A long backup appends while compactions copy (its open set pins every chunk), and the
+/// configuration changes meanwhile: all of it survives, the last configuration value wins,
+/// and a compaction after the backup retires what is dead.
+#[test]
+fn backups_and_compaction_run_at_the_same_time() {
+    let keys = Arc::new(keys());
+    let dir = tempfile::tempdir().unwrap();
+    let kept = compaction_template(dir.path(), &keys);
+    let (opts, _) = compact_opts(dir.path(), None);
+    let repo = Arc::new(Repo::open(dir.path(), HOST, opts).unwrap());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let set = repo.open_set("long", 10).unwrap();
+    let backup = {
+        let (repo, keys, done) = (repo.clone(), keys.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut files = Files::new();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) || files.len() < 5 {
+                let name = format!("g{}", files.len());
+                let data = format!("{name}-").repeat(900 + files.len()).into_bytes();
+                write_files(&repo, &keys, set, &BTreeMap::from([(name.clone(), data.clone())]), &[]);
+                files.insert(name, data);
+            }
+            repo.complete_set(set, SetStats::default(), None).unwrap();
+            files
+        })
+    };
+    let config = {
+        let (repo, done) = (repo.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut last = String::new();
+            for d in 3.. {
+                if done.load(std::sync::atomic::Ordering::SeqCst) && d > 5 {
+                    break;
+                }
+                last = format!("{d}d");
+                repo.set_config("HourlyKeep", Some(&last)).unwrap();
+            }
+            last
+        })
+    };
+    let mut reports = Vec::new();
+    for _ in 0..3 {
+        reports.push(repo.compact(&CompactOptions { threshold: 0.9, batch_records: 1 }).unwrap());
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (files, last) = (backup.join().unwrap(), config.join().unwrap());
+    eprintln!("{} files backed up during 3 compactions: {reports:?}", files.len());
+    assert!(reports.iter().all(|r| r.pinned_by_open_set == Some(set) && !r.interrupted), "{reports:?}");
+    assert_eq!(repo.config().unwrap().get("HourlyKeep"), Some(&last), "the last value written wins");
+    let check_all = |repo: &Repo| {
+        let got = read_set(repo, &keys, set);
+        assert!(files.iter().all(|(name, data)| got.get(name) == Some(data)), "the long backup reads back");
+        observable(repo, &keys, &kept);
+        let check = repo.check_index().unwrap();
+        assert_eq!((check.mismatch_count, check.scan.damage.clone()), (0, vec![]), "{:?}", check.mismatches);
+    };
+    check_all(&repo);
+    let after = repo.compact(&CompactOptions { threshold: 0.9, batch_records: 3 }).unwrap();
+    assert!(!after.retired.is_empty(), "{after:?}");
+    check_all(&repo);
+    assert_eq!(repo.config().unwrap().get("HourlyKeep"), Some(&last));
+    let dump = repo.index().dump().unwrap();
+    drop(repo);
+    let (opts, _) = compact_opts(dir.path(), None);
+    assert_eq!(Repo::rebuild_index(dir.path(), HOST, opts).unwrap().damage, []);
+    let (opts, _) = compact_opts(dir.path(), None);
+    assert_eq!(Repo::open(dir.path(), HOST, opts).unwrap().index().dump().unwrap(), dump);
+}
+
 /// Fails the storage at every operation of a compaction (each copy batch's write and fsync,
 /// the switch record, each segment removal), simulates a power cut with each crash mode, and
 /// checks after reopening that every kept set reads back exactly, purges, locks and config

@@ -246,6 +246,12 @@ fn compact(repo: &Repo, threshold: f64) -> Result<()> {
     if let Some(set) = r.pinned_by_open_set {
         println!("set {set} is open (a backup is running or was interrupted): every chunk was kept");
     }
+    if r.interrupted {
+        println!(
+            "a backup started while the records were copied, so nothing was retired; run compact again when it ends"
+        );
+        return Ok(());
+    }
     if r.retired.is_empty() {
         println!("nothing to compact: no segment is less than {:.0}% live", threshold * 100.0);
         return Ok(());
