@@ -22,7 +22,8 @@
 //! step 1 may have been told by `missing_chunks` that a chunk step 1 found dead exists, so the
 //! run stops before the switch, retiring nothing ([`CompactReport::interrupted`]); its copies
 //! are ordinary duplicates that the next run reclaims. The segment being appended to in step 1
-//! is retired only if nothing was appended to it since.
+//! is retired only if nothing was appended to it by the time the copies start; the log then
+//! rolls past it first.
 //!
 //! A crash before step 3's switch leaves the old segments authoritative for what was not yet
 //! copied and the copies for what was (both are complete, valid records); a crash after it
@@ -312,6 +313,19 @@ impl crate::Repo {
             return Ok(report);
         }
 
+        if victims.contains(&start.segment) {
+            // The last segment at step 1: retired only if nothing was appended to it since, and
+            // then the log moves past it before the copies (which must not land in it).
+            let mut log = self.writer();
+            let len = storage
+                .len(start.segment)
+                .map_err(|e| Error::io("reading length of", storage.describe(start.segment), e))?;
+            if len > start.offset {
+                victims.retain(|s| *s != start.segment);
+            } else {
+                log.roll();
+            }
+        }
         let mut batch =
             CopyBatch { created: Vec::new(), pending: Vec::new(), bytes: 0, max: opts.batch_records.max(1) };
         for seg in &victims {
@@ -336,16 +350,6 @@ impl crate::Repo {
         let mut log = self.writer();
         if newest_set(self.index()) != newest {
             return Ok(interrupted(report));
-        }
-        let grown = storage
-            .len(start.segment)
-            .map_err(|e| Error::io("reading length of", storage.describe(start.segment), e))?
-            > start.offset;
-        if grown {
-            // Appended to since step 1: its new records were not scanned, so it stays.
-            victims.retain(|s| *s != start.segment);
-        } else if victims.contains(&start.segment) {
-            log.roll();
         }
         // Host, key, set and config records appended since step 1 supersede older copies.
         latest_since(storage.as_ref(), start, log.end(), &mut latest)?;

@@ -917,6 +917,28 @@ fn compaction_reclaims_dead_segments_and_keeps_every_kept_set() {
     assert_eq!(repo.index().dump().unwrap(), dump, "rebuilt index equals the compacted one");
 }
 
+/// With everything in the segment being appended to, compaction moves past it, copies into a
+/// new one and retires it (the copies never land in the segment they empty).
+#[test]
+fn the_segment_being_appended_to_is_compacted_too() {
+    let keys = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repo::open(dir.path(), HOST, RepoOptions::default()).unwrap();
+    repo.create_host(keys.host(), None).unwrap();
+    let sets = workload(&repo, &keys, 4).unwrap();
+    repo.purge_sets(&[1, 2]).unwrap();
+    assert_eq!(segment_files(dir.path()).len(), 1);
+    let report = repo.compact(&CompactOptions { threshold: 1.0, batch_records: 2 }).unwrap();
+    assert_eq!(report.retired, [1], "{report:?}");
+    assert!(report.bytes_after < report.bytes_before, "{report:?}");
+    assert_eq!(segment_files(dir.path()).len(), 1);
+    for (set, files) in &sets[2..] {
+        assert_eq!(&read_set(&repo, &keys, *set), files);
+    }
+    let again = repo.compact(&CompactOptions { threshold: 1.0, ..CompactOptions::default() }).unwrap();
+    assert!(again.retired.is_empty(), "nothing dead is left: {again:?}");
+}
+
 #[test]
 fn an_open_set_pins_every_chunk() {
     let keys = keys();
