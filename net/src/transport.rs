@@ -48,11 +48,34 @@ pub fn transport_config() -> TransportConfig {
     t.max_idle_timeout(Some(IdleTimeout::try_from(IDLE_TIMEOUT).expect("20 s is a valid idle timeout")));
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.stream_receive_window(VarInt::from_u32(4 << 20));
-    t.receive_window(VarInt::from_u32(16 << 20));
+    t.receive_window(VarInt::from_u32(RECEIVE_WINDOW));
     t.send_window(16 << 20);
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     t
+}
+
+/// Connection receive window of the server before a client has logged in: room for the
+/// handshake frames (at most 64 KiB each), not for megabytes that nobody reads. With the full
+/// window, each connection of a flood could park 16 MiB in the server's buffers.
+pub const PRE_LOGIN_WINDOW: u32 = 256 << 10;
+/// Streams a client may open before it has logged in.
+pub const PRE_LOGIN_STREAMS: u32 = 4;
+/// Full receive window of a logged-in connection (see [`transport_config`]).
+pub const RECEIVE_WINDOW: u32 = 16 << 20;
+
+/// The server's settings: [`transport_config`], narrowed until login ([`open_up`]).
+pub fn server_transport_config() -> TransportConfig {
+    let mut t = transport_config();
+    t.receive_window(VarInt::from_u32(PRE_LOGIN_WINDOW));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(PRE_LOGIN_STREAMS));
+    t
+}
+
+/// Gives a connection that has logged in the full window and stream count.
+pub fn open_up(conn: &quinn::Connection) {
+    conn.set_receive_window(VarInt::from_u32(RECEIVE_WINDOW));
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_STREAMS));
 }
 
 /// Socket buffer size asked for on both ends. At the kernel's default (208 KiB) a burst of

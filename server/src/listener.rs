@@ -24,6 +24,12 @@ const FAILED_LOGIN_DELAY: Duration = Duration::from_millis(500);
 const BUDGET_KIB: u32 = 48 * 1024;
 /// What a response may need beyond its request: a chunk or a listing page.
 const RESPONSE_KIB: u32 = 5 * 1024;
+/// The part of that budget one host's requests may hold at once: a client that stalls its
+/// request bodies, or floods large ones from many connections, never starves the other hosts.
+const HOST_BUDGET_KIB: u32 = 32 * 1024;
+/// How long a request's body may take to arrive once its header has (generous for slow links;
+/// a body that stalls longer gives its share of the budget back).
+const BODY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Counts requests in progress, so shutdown can wait for them.
 #[derive(Debug, Default)]
@@ -66,6 +72,7 @@ pub struct Shared {
     pub service: Arc<Service>,
     pub in_flight: Arc<InFlight>,
     budget: Semaphore,
+    host_budgets: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
     connections: Arc<Semaphore>,
     software: String,
 }
@@ -76,9 +83,18 @@ impl Shared {
             service,
             in_flight: Arc::new(InFlight::default()),
             budget: Semaphore::new(BUDGET_KIB as usize),
+            host_budgets: Default::default(),
             connections: Arc::new(Semaphore::new(max_connections as usize)),
             software: format!("tardisd {}", env!("CARGO_PKG_VERSION")),
         })
+    }
+}
+
+impl Shared {
+    /// The budget of one host's requests (made on first use; one per host).
+    fn host_budget(&self, host: &str) -> Arc<Semaphore> {
+        let mut all = self.host_budgets.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(host.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(HOST_BUDGET_KIB as usize))).clone()
     }
 }
 
@@ -119,6 +135,7 @@ async fn logged_in(conn: &quinn::Connection, peer: SocketAddr, shared: &Arc<Shar
     tokio::time::timeout(HELLO_TIMEOUT, hello(conn, shared)).await.map_err(|_| "no hello".to_owned())??;
     let session =
         tokio::time::timeout(LOGIN_TIMEOUT, login(conn, peer, shared)).await.map_err(|_| "no login".to_owned())??;
+    transport::open_up(conn);
     let result = requests(conn, &session, shared).await;
     shared.service.detach(&session);
     result
@@ -247,12 +264,20 @@ async fn request(
         return Ok(());
     };
     let kib = (len as u32).div_ceil(1024) + RESPONSE_KIB;
+    // The host's share first, so that its waiting requests queue there, not in front of
+    // other hosts' requests in the global budget.
+    let host_budget = shared.host_budget(session.host.name());
+    let _host_budget = host_budget.acquire_many(kib).await.map_err(|e| e.to_string())?;
     let _budget = shared.budget.acquire_many(kib).await.map_err(|e| e.to_string())?;
     let _busy = shared.in_flight.enter();
-    let req: Request = match transport::read_body(&mut recv, len).await {
+    let body = match tokio::time::timeout(BODY_TIMEOUT, transport::read_body(&mut recv, len)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs())),
+    };
+    let req: Request = match body {
         Ok(r) => r,
         Err(e) => {
-            let _ = reply(&mut send, Refusal::new(ErrorCode::Protocol, e.to_string()).response()).await;
+            let _ = reply(&mut send, Refusal::new(ErrorCode::Protocol, e.clone()).response()).await;
             return Err(format!("protocol: {e}"));
         }
     };

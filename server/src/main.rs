@@ -219,7 +219,7 @@ fn bind(config: &Config, identity: &tls::ServerIdentity) -> anyhow::Result<quinn
     let tls = identity.server_config()?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("TLS configuration for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server.transport_config(Arc::new(transport::transport_config()));
+    server.transport_config(Arc::new(transport::server_transport_config()));
     let ip: IpAddr = config.listen.parse().context("Listen address")?;
     let addr = SocketAddr::new(ip, config.port);
     let socket = match transport::udp_socket(addr) {

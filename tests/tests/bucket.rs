@@ -124,15 +124,15 @@ fn tardisd_with_a_bucket_backs_up_through_an_outage_of_the_store() {
     every_kind_tree(&src, 2_000_000);
     let mut d = Daemon::start(&srv, &format!("AllowNewHosts = yes\n{}", store.settings("")));
     assert!(fs::read_to_string(srv.join("storage.cfg")).unwrap().contains("S3Bucket = tardis"));
-    let backup = |d: &Daemon, name: &str, extra: &[&str]| {
-        let mut args: Vec<String> = d.client_args("h", "pw", &kh);
+    let backup = |d: &Daemon, host: &str, name: &str, extra: &[&str]| {
+        let mut args: Vec<String> = d.client_args(host, "pw", &kh);
         args.extend(["--state-dir".into(), work.path().join("state").display().to_string()]);
         args.extend(extra.iter().map(|a| a.to_string()));
         args.extend(["--name".into(), name.into(), src.display().to_string()]);
         let refs: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
         run("tardis", &refs)
     };
-    let r = backup(&d, "one", &["--create"]);
+    let r = backup(&d, "h", "one", &["--create"]);
     assert!(r.status.success(), "first backup: {}", String::from_utf8_lossy(&r.stderr));
     let m1 = manifest(&src);
     let first = store.segments("", "h");
@@ -141,7 +141,7 @@ fn tardisd_with_a_bucket_backs_up_through_an_outage_of_the_store() {
     // The store goes down: the backup still completes, its segment staged on the daemon's disk.
     store.stop();
     change_every_kind(&src);
-    let r = backup(&d, "two", &[]);
+    let r = backup(&d, "h", "two", &[]);
     assert!(r.status.success(), "backup during the outage: {}", String::from_utf8_lossy(&r.stderr));
     let m2 = manifest(&src);
     let staged = local_segments(&srv.join("h/segments"));
@@ -153,7 +153,7 @@ fn tardisd_with_a_bucket_backs_up_through_an_outage_of_the_store() {
     d.crash_and_restart();
     store.restart();
     fs::write(src.join("plain.txt"), "after the outage\n").unwrap();
-    let r = backup(&d, "three", &[]);
+    let r = backup(&d, "h", "three", &[]);
     assert!(r.status.success(), "backup after the outage: {}", String::from_utf8_lossy(&r.stderr));
     let m3 = manifest(&src);
     let now = store.segments("", "h");
@@ -172,6 +172,15 @@ fn tardisd_with_a_bucket_backs_up_through_an_outage_of_the_store() {
         assert!(r.status.success(), "regenerate {set}: {}", String::from_utf8_lossy(&r.stderr));
         assert_same(want, &manifest(&out), &format!("set {set} through tardisd from the bucket"));
     }
+    // A second daemon with its own BaseDir serves another host over the same bucket.
+    let before = store.segments("", "h");
+    let srv2 = work.path().join("srv2");
+    let d2 = Daemon::start(&srv2, &format!("AllowNewHosts = yes\n{}", store.settings("")));
+    let r = backup(&d2, "h2", "other", &["--create"]);
+    assert!(r.status.success(), "a backup through the second daemon: {}", String::from_utf8_lossy(&r.stderr));
+    assert!(!store.segments("", "h2").is_empty(), "h2's segments are in the bucket");
+    assert_eq!(store.segments("", "h"), before, "h's objects are untouched");
+    drop(d2);
     d.stop();
 
     // The daemon refuses a BaseDir that holds local repositories until they are migrated.

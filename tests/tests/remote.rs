@@ -644,6 +644,139 @@ fn a_flood_of_connections_is_refused_beyond_the_limit_and_memory_stays_bounded()
     assert!(after < before + 64 * 1024, "the flood grew the daemon by {} KiB", after - before);
 }
 
+/// Connections that send megabytes before saying hello: the server grants a connection that
+/// has not logged in a 256 KiB window, so a flood of them parks little memory in its buffers.
+#[test]
+fn a_flood_of_connections_sending_data_before_login_parks_little_memory() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), noise(500_000, 6)).unwrap();
+    let d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes\nMaxConnections = 64");
+    let r = backup(&d, "h", "pw", &kh, &["--create"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let before = rss_kib(d.pid());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let scratch = work.path().join("raw_known_hosts");
+    let conns: Vec<quinn::Connection> = (0..60).map(|_| raw_connect(&rt, &d, &scratch)).collect();
+    // On each: a hello that never finishes, and three streams of 1 MiB the server never reads.
+    let writers: Vec<_> = conns
+        .iter()
+        .flat_map(|c| {
+            let rt = &rt;
+            (0..4).map(move |i| {
+                let c = c.clone();
+                rt.spawn(async move {
+                    let (mut send, _recv) = c.open_bi().await?;
+                    let bytes = if i == 0 { 60_000u32.to_be_bytes().to_vec() } else { noise(1 << 20, i) };
+                    send.write_all(&bytes).await?;
+                    std::future::pending::<()>().await;
+                    Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+                })
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let during = rss_kib(d.pid());
+    eprintln!("daemon RSS: {before} KiB before, {during} KiB with 60 connections pushing 3 MiB each before login");
+    assert!(during < before + 48 * 1024, "the flood parked {} KiB in the daemon", during - before);
+    for w in writers {
+        w.abort();
+    }
+    drop(conns);
+    let r = backup(&d, "h", "pw", &kh, &[], &src);
+    assert!(r.status.success(), "the daemon serves again: {}", stderr(&r));
+}
+
+/// Logs in as `host` on a raw connection, the way the client does.
+fn raw_login(rt: &tokio::runtime::Runtime, d: &Daemon, kh: &Path, host: &str, pw: &str) -> quinn::Connection {
+    use tardis_net::proto::{encode, ClientInfo, Request, Response, PROTOCOL_MAX, PROTOCOL_MIN};
+    let conn = raw_connect(rt, d, kh);
+    let hello = Request::Hello { min: PROTOCOL_MIN, max: PROTOCOL_MAX, software: "raw".into() };
+    assert!(matches!(raw_exchange(rt, &conn, &encode(&hello)), Some(Response::Welcome { .. })));
+    let header = match raw_exchange(rt, &conn, &encode(&Request::KeyHeader { host: host.into() })) {
+        Some(Response::KeyHeader { header: Some(h) }) => h.into_vec(),
+        other => panic!("expected the key header, got {other:?}"),
+    };
+    let secrets = tardis_core::keywrap::KdfHeader::from_bytes(&header).unwrap().derive(pw.as_bytes()).unwrap();
+    let key = tardis_core::login::LoginKey::from_secrets(&secrets).unwrap();
+    let binding = tardis_net::transport::binding(&conn).unwrap();
+    let login = Request::Login {
+        host: host.into(),
+        client: ClientInfo { software: "raw".into(), machine: "m".into(), pid: 1 },
+        session: [9; 16],
+        proof: serde_bytes::ByteBuf::from(key.prove(host, &binding).to_vec()),
+    };
+    assert!(matches!(raw_exchange(rt, &conn, &encode(&login)), Some(Response::LoggedIn { .. })));
+    conn
+}
+
+/// A logged-in client of host `h` that floods maximal requests from several connections and
+/// stalls their bodies holds at most its host's share of the request budget: another host backs
+/// up meanwhile, and the daemon's memory stays within the budget.
+#[test]
+fn a_hostile_logged_in_client_with_stalled_large_requests_starves_no_other_host() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), noise(3_000_000, 7)).unwrap();
+    let d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes");
+    for host in ["h", "h2"] {
+        let r = backup(&d, host, "pw", &kh, &["--create"], &src);
+        assert!(r.status.success(), "{}", stderr(&r));
+    }
+    let before = rss_kib(d.pid());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let scratch = work.path().join("raw_known_hosts");
+    let conns: Vec<quinn::Connection> = (0..4).map(|_| raw_login(&rt, &d, &scratch, "h", "pw")).collect();
+    // 4 connections x 8 streams, each announcing a maximal frame and sending all but its end.
+    let max = tardis_net::proto::MAX_FRAME;
+    let writers: Vec<_> = conns
+        .iter()
+        .flat_map(|c| {
+            let rt = &rt;
+            (0..8).map(move |i| {
+                let c = c.clone();
+                rt.spawn(async move {
+                    let (mut send, _recv) = c.open_bi().await?;
+                    send.write_all(&(max as u32).to_be_bytes()).await?;
+                    send.write_all(&noise(max - 1024, i)).await?;
+                    std::future::pending::<()>().await;
+                    Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+                })
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    // Another host's backup goes through while h's requests hold their share.
+    fs::write(src.join("g"), noise(3_000_000, 8)).unwrap();
+    let mut child = Command::new(bin("tardis"))
+        .args(d.client_args("h2", "pw", &kh))
+        .arg(&src)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("host h2's backup was starved by host h's stalled requests");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "h2's backup failed");
+    let during = rss_kib(d.pid());
+    eprintln!("daemon RSS: {before} KiB before, {during} KiB with 32 stalled 8 MiB requests and another host's backup");
+    assert!(during < before + 160 * 1024, "the daemon grew by {} KiB", during - before);
+    for w in writers {
+        w.abort();
+    }
+}
+
 #[test]
 fn a_ca_signed_server_is_trusted_with_ca_and_two_hosts_back_up_at_once() {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
