@@ -10,8 +10,9 @@
 //!   the segment staged and durable on the local disk; the next seal retries it, so a backup
 //!   carries on through an outage. A staged segment that is also in the bucket with the same
 //!   length was uploaded just before a crash and is dropped on open.
-//! - `<host>/cache/` holds blocks of uploaded segments fetched with ranged GETs, up to
-//!   `S3CacheSize` bytes; it is emptied on open. Freshly uploaded segments move there whole.
+//! - `<host>/cache/` holds uploaded segments, up to `S3CacheSize` bytes: whole ones (freshly
+//!   uploaded segments move there, and stay across runs), and the 4 MiB blocks of others that
+//!   ranged GETs fetched (dropped on open). Readers of a block being fetched wait for it.
 //!
 //! Every byte read back is still checked by the record CRCs, so neither cache is trusted.
 //! `<host>/bucket` marks a host directory whose segments are in a bucket, so that losing
@@ -469,7 +470,6 @@ impl BucketStorage {
             };
             write().map_err(|e| Error::io("writing", &marker, e))?;
         }
-        let cache = Cache::new(&host_dir.join("cache"), cfg.cache_size)?;
         let (s, d) = (store.clone(), dir.clone());
         let listed = run(async move { s.list_with_delimiter(Some(&d)).await })
             .and_then(|r| r.map_err(store_error))
@@ -491,6 +491,7 @@ impl BucketStorage {
                 }
             }
         }
+        let cache = Cache::new(&host_dir.join("cache"), cfg.cache_size, &state.uploaded)?;
         Ok(BucketStorage { store, dir, url, staging, cache, state: RwLock::new(state) })
     }
 
@@ -691,12 +692,16 @@ impl Storage for BucketStorage {
     }
 }
 
-/// Blocks of uploaded segments on the local disk: one sparse file per segment.
+/// Uploaded segments on the local disk: whole ones (`<n>.seg`, moved here after their upload,
+/// kept across runs when their length matches the object's) and fetched blocks of others
+/// (`<n>.part`, sparse, dropped on open since nothing records which blocks they hold).
 #[derive(Debug)]
 struct Cache {
     dir: PathBuf,
     limit: u64,
     inner: Mutex<CacheInner>,
+    /// Signalled when a block fetch ends, for readers waiting on the same block.
+    fetched: std::sync::Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -704,12 +709,16 @@ struct CacheInner {
     segs: HashMap<u64, Cached>,
     bytes: u64,
     tick: u64,
+    /// Blocks being fetched now: other readers of the same block wait instead of fetching it
+    /// again (eight restore threads often want the same 4 MiB block at once).
+    fetching: HashSet<(u64, u64)>,
 }
 
 #[derive(Debug)]
 struct Cached {
     file: Arc<File>,
-    /// Block numbers present; every block when the whole segment was adopted.
+    path: PathBuf,
+    /// Block numbers present; every block when the whole segment is here.
     blocks: HashSet<u64>,
     whole: bool,
     bytes: u64,
@@ -717,35 +726,54 @@ struct Cached {
 }
 
 impl Cache {
-    fn new(dir: &Path, limit: u64) -> Result<Cache> {
-        // Nothing in it is tracked across runs: start empty.
-        match fs::remove_dir_all(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("emptying", dir, e)),
-        }
+    /// Opens the cache in `dir`, keeping the whole segments that match `uploaded` (segment
+    /// number to length) and deleting everything else.
+    fn new(dir: &Path, limit: u64, uploaded: &BTreeMap<u64, u64>) -> Result<Cache> {
         fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-        Ok(Cache { dir: dir.to_owned(), limit, inner: Mutex::new(CacheInner::default()) })
+        let mut inner = CacheInner::default();
+        for entry in fs::read_dir(dir).map_err(|e| Error::io("listing", dir, e))? {
+            let path = entry.map_err(|e| Error::io("listing", dir, e))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let len = fs::metadata(&path).map(|m| m.len()).ok();
+            let keep = parse_name(name).filter(|seg| uploaded.get(seg).copied() == len);
+            match (keep, len) {
+                (Some(seg), Some(len)) => {
+                    let file = Arc::new(File::open(&path).map_err(|e| Error::io("opening", &path, e))?);
+                    inner.bytes += len;
+                    inner
+                        .segs
+                        .insert(seg, Cached { file, path, blocks: HashSet::new(), whole: true, bytes: len, used: 0 });
+                }
+                _ => {
+                    if let Err(e) = fs::remove_file(&path) {
+                        tracing::warn!(path = %path.display(), "removing a stale cache file: {e}");
+                    }
+                }
+            }
+        }
+        let cache = Cache { dir: dir.to_owned(), limit, inner: Mutex::new(inner), fetched: std::sync::Condvar::new() };
+        cache.evict(&mut cache.lock(), u64::MAX);
+        Ok(cache)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn path(&self, seg: u64) -> PathBuf {
-        self.dir.join(format!("{seg:016x}.seg"))
-    }
-
     /// Takes a freshly uploaded segment file whole.
     fn adopt(&self, seg: u64, from: &Path, len: u64) -> io::Result<()> {
-        let to = self.path(seg);
+        let to = self.dir.join(format!("{seg:016x}.seg"));
         fs::rename(from, &to)?;
         let file = Arc::new(File::open(&to)?);
         let mut inner = self.lock();
         inner.tick += 1;
         let used = inner.tick;
         inner.bytes += len;
-        inner.segs.insert(seg, Cached { file, blocks: HashSet::new(), whole: true, bytes: len, used });
+        let old =
+            inner.segs.insert(seg, Cached { file, path: to, blocks: HashSet::new(), whole: true, bytes: len, used });
+        if let Some(old) = old {
+            inner.bytes -= old.bytes;
+        }
         self.evict(&mut inner, seg);
         Ok(())
     }
@@ -754,7 +782,7 @@ impl Cache {
         let mut inner = self.lock();
         if let Some(c) = inner.segs.remove(&seg) {
             inner.bytes -= c.bytes;
-            let _ = fs::remove_file(self.path(seg));
+            let _ = fs::remove_file(&c.path);
         }
     }
 
@@ -766,7 +794,7 @@ impl Cache {
             };
             let c = inner.segs.remove(&victim).expect("just found");
             inner.bytes -= c.bytes;
-            let _ = fs::remove_file(self.path(victim));
+            let _ = fs::remove_file(&c.path);
         }
     }
 
@@ -794,7 +822,8 @@ impl Cache {
         Ok(())
     }
 
-    /// The cache file holding block `block` of `seg`, fetching the block first if needed.
+    /// The cache file holding block `block` of `seg`, fetching the block first if needed (or
+    /// waiting for the reader that is fetching it).
     fn block(
         &self,
         seg: u64,
@@ -802,8 +831,8 @@ impl Cache {
         len: u64,
         fetch: &dyn Fn(std::ops::Range<u64>) -> io::Result<Vec<u8>>,
     ) -> io::Result<Arc<File>> {
-        {
-            let mut inner = self.lock();
+        let mut inner = self.lock();
+        loop {
             inner.tick += 1;
             let tick = inner.tick;
             if let Some(c) = inner.segs.get_mut(&seg) {
@@ -812,32 +841,45 @@ impl Cache {
                     return Ok(c.file.clone());
                 }
             }
+            if !inner.fetching.contains(&(seg, block)) {
+                break;
+            }
+            inner = self.fetched.wait(inner).unwrap_or_else(|p| p.into_inner());
         }
-        // Fetched outside the lock; two readers of the same block may both fetch it.
+        inner.fetching.insert((seg, block));
+        drop(inner);
         let start = block * BLOCK;
-        let bytes = fetch(start..(start + BLOCK).min(len))?;
+        let fetched = fetch(start..(start + BLOCK).min(len));
         let mut inner = self.lock();
+        let stored = fetched.and_then(|bytes| self.store(&mut inner, seg, block, &bytes));
+        // Waiters look again: they find the block, or (after a failure) fetch it themselves.
+        inner.fetching.remove(&(seg, block));
+        self.fetched.notify_all();
+        stored
+    }
+
+    /// Writes a fetched block into its segment's partial file (under the cache lock, so that a
+    /// block is marked present only once its bytes are there).
+    fn store(&self, inner: &mut CacheInner, seg: u64, block: u64, bytes: &[u8]) -> io::Result<Arc<File>> {
         let file = match inner.segs.get(&seg) {
             Some(c) => c.file.clone(),
             None => {
-                let file = Arc::new(
-                    OpenOptions::new().read(true).write(true).create(true).truncate(true).open(self.path(seg))?,
-                );
+                let path = self.dir.join(format!("{seg:016x}.part"));
+                let file = Arc::new(OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?);
                 inner.tick += 1;
                 let used = inner.tick;
-                inner
-                    .segs
-                    .insert(seg, Cached { file: file.clone(), blocks: HashSet::new(), whole: false, bytes: 0, used });
+                let cached = Cached { file: file.clone(), path, blocks: HashSet::new(), whole: false, bytes: 0, used };
+                inner.segs.insert(seg, cached);
                 file
             }
         };
-        file.write_all_at(&bytes, start)?;
+        file.write_all_at(bytes, block * BLOCK)?;
         let c = inner.segs.get_mut(&seg).expect("inserted above");
         if c.blocks.insert(block) {
             c.bytes += bytes.len() as u64;
             inner.bytes += bytes.len() as u64;
         }
-        self.evict(&mut inner, seg);
+        self.evict(inner, seg);
         Ok(file)
     }
 }
@@ -902,7 +944,7 @@ mod tests {
     #[test]
     fn the_cache_reads_across_blocks_and_stays_within_its_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::new(&dir.path().join("c"), 2 * BLOCK).unwrap();
+        let cache = Cache::new(&dir.path().join("c"), 2 * BLOCK, &BTreeMap::new()).unwrap();
         let data: Vec<u8> = (0..3 * BLOCK + 100).map(|i| (i % 251) as u8).collect();
         let fetches = std::sync::atomic::AtomicUsize::new(0);
         let fetch = |r: std::ops::Range<u64>| {
@@ -920,5 +962,52 @@ mod tests {
         // Blocks 0 and 1 of segment 1 were fetched once for the first two reads, block 3 once,
         // segment 2's block once; the last read needed blocks that eviction dropped again.
         assert!(fetches.load(std::sync::atomic::Ordering::SeqCst) >= 4);
+    }
+
+    #[test]
+    fn readers_of_one_block_share_a_single_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(&dir.path().join("c"), 1 << 30, &BTreeMap::new()).unwrap();
+        let data: Vec<u8> = (0..BLOCK).map(|i| (i % 253) as u8).collect();
+        let fetches = std::sync::atomic::AtomicUsize::new(0);
+        let fetch = |r: std::ops::Range<u64>| {
+            fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            Ok(data[r.start as usize..r.end as usize].to_vec())
+        };
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let (cache, data, fetch) = (&cache, &data, &fetch);
+                s.spawn(move || {
+                    let mut buf = vec![0u8; 1000];
+                    cache.read(7, t * 1000, &mut buf, BLOCK, fetch).unwrap();
+                    assert_eq!(buf, data[(t * 1000) as usize..(t * 1000) as usize + 1000]);
+                });
+            }
+        });
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn whole_segments_stay_cached_across_opens_and_partial_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = dir.path().join("c");
+        let cache = Cache::new(&c, 1 << 30, &BTreeMap::new()).unwrap();
+        let staged = dir.path().join("staged");
+        fs::write(&staged, vec![1u8; 5000]).unwrap();
+        cache.adopt(1, &staged, 5000).unwrap();
+        let mut buf = [0u8; 10];
+        cache.read(2, 0, &mut buf, 100, &|r| Ok(vec![2u8; (r.end - r.start) as usize])).unwrap();
+        drop(cache);
+        // Reopened: segment 1 (same length in the bucket) is kept, segment 2's blocks are not.
+        let cache = Cache::new(&c, 1 << 30, &BTreeMap::from([(1, 5000), (2, 100)])).unwrap();
+        let never = |_: std::ops::Range<u64>| -> io::Result<Vec<u8>> { panic!("segment 1 is cached whole") };
+        cache.read(1, 100, &mut buf, 5000, &never).unwrap();
+        assert_eq!(buf, [1u8; 10]);
+        assert!(!c.join(format!("{:016x}.part", 2)).exists());
+        drop(cache);
+        // A whole file whose length no longer matches the bucket's is dropped.
+        let cache = Cache::new(&c, 1 << 30, &BTreeMap::from([(1, 4096)])).unwrap();
+        assert!(cache.lock().segs.is_empty());
     }
 }
