@@ -1,6 +1,6 @@
-//! Crash injection with real processes: a real `tardisd` and the real `tardis`,
-//! `tardis-tools purge` and `tardis-tools compact`, each killed with SIGKILL at a seeded random
-//! moment, again and again on one repository. After every crash the daemon restarts, and at
+//! Crash injection with real processes: a real `tardisd` (which compacts every second, during
+//! the backups) and the real `tardis`, `tardis-tools purge` and `tardis-tools compact`, each
+//! killed with SIGKILL at a seeded random moment, again and again on one repository. After every crash the daemon restarts, and at
 //! checkpoints `verify --read-data` must pass and every set that completed must restore
 //! bit-exact to the tree it was taken from (the ledger). Sets that a killed run may or may not
 //! have completed are judged by what the repository says: if it lists the set, the set must be
@@ -124,8 +124,12 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
     for i in 0..16 {
         fs::write(src.join(format!("f{i:02}")), noise(128 * 1024, i)).unwrap();
     }
-    // No scheduled compaction: compaction is driven (and killed) by the test.
-    let mut d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes\nCompactInterval = 0\nSessionTimeout = 1");
+    // The daemon compacts every second, so its compactions run during the backups and purges
+    // and die with it; the test also runs and kills `tardis-tools compact` on its own.
+    let mut d = Daemon::start(
+        &work.path().join("srv"),
+        "AllowNewHosts = yes\nCompactInterval = 1\nCompactThreshold = 1\nSessionTimeout = 1",
+    );
     let mut ledger: BTreeMap<String, BTreeMap<Vec<u8>, Entry>> = BTreeMap::new();
     let client = |d: &Daemon, extra: &[&str]| {
         let mut c = Command::new(bin("tardis"));
@@ -203,6 +207,17 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
         *kills.entry(what).or_default() += 1;
         if point % 25 == 24 {
             check(&mut d, &ledger, &src, work.path());
+            // A purge that is not killed, so that the daemon's own compactions (every second)
+            // have dead records to reclaim while the next backups run and are killed.
+            let sets = live_sets(&d, &kh);
+            if sets.len() >= 3 {
+                let out = Command::new(bin("tardis-tools"))
+                    .args(client_args("127.0.0.1", d.port, "h", "pw", &kh))
+                    .args(["purge", "--set", &sets[0]])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{}", stderr(&out));
+            }
         }
     }
     eprintln!("crash points by operation: {kills:?}; sets listed at the end: {}", live_sets(&d, &kh).len());
@@ -213,4 +228,9 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
     ledger.insert("final".into(), manifest(&src));
     check(&mut d, &ledger, &src, work.path());
     eprintln!("final backup and check: {:?}", started.elapsed());
+    let log = d.log();
+    let (compacted, interrupted) =
+        (log.matches("compacted segments").count(), log.matches("a backup started during compaction").count());
+    eprintln!("the daemon's own compactions: {compacted} retired segments, {interrupted} stopped by a backup");
+    assert!(compacted > 0, "the daemon compacted while the test ran");
 }
