@@ -19,7 +19,7 @@
 //! `storage.cfg` fails loudly instead of starting an empty local log.
 
 use crate::error::{Error, Result};
-use crate::storage::{sync_dir, DirStorage, SegmentFile, Space, Storage};
+use crate::storage::{segment_number, sync_dir, DirStorage, SegmentFile, Space, Storage};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
 use object_store::{
@@ -293,11 +293,8 @@ pub fn host_names(base: &Path) -> Result<Vec<String>> {
         .filter(|n| !n.starts_with('.') && has_local_segments(base, n))
         .collect();
     if let Backend::Bucket(cfg) = Backend::of(base)? {
-        let store = cfg.client()?;
         let prefix = (!cfg.prefix.is_empty()).then(|| ObjPath::from(cfg.prefix.as_str()));
-        let listed = run(async move { store.list_with_delimiter(prefix.as_ref()).await })
-            .and_then(|r| r.map_err(store_error))
-            .map_err(|e| Error::io("listing hosts in", cfg.url(), e))?;
+        let listed = list(&cfg.client()?, prefix).map_err(|e| Error::io("listing hosts in", cfg.url(), e))?;
         names.extend(listed.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_owned)));
     }
     Ok(names.into_iter().collect())
@@ -320,12 +317,7 @@ pub fn host_exists(base: &Path, host: &str) -> Result<bool> {
 
 /// The segments of `host` in the bucket, with their lengths.
 pub fn remote_segments(cfg: &BucketConfig, host: &str) -> Result<BTreeMap<u64, u64>> {
-    let store = cfg.client()?;
-    let dir = cfg.host_dir(host);
-    let listed = run(async move { store.list_with_delimiter(Some(&dir)).await })
-        .and_then(|r| r.map_err(store_error))
-        .map_err(|e| Error::io("listing segments in", cfg.url(), e))?;
-    Ok(listed.objects.iter().filter_map(|o| Some((o.location.filename().and_then(parse_name)?, o.size))).collect())
+    segments_in(&cfg.client()?, &cfg.host_dir(host)).map_err(|e| Error::io("listing segments in", cfg.url(), e))
 }
 
 /// Makes `base` keep its segments in the bucket `cfg`: writes `storage.cfg`, durably. Refused
@@ -363,14 +355,19 @@ pub fn adopt(base: &Path, cfg: &BucketConfig) -> Result<()> {
 /// Writes `<base>/storage.cfg` atomically and durably.
 pub fn write_descriptor(base: &Path, cfg: &BucketConfig) -> Result<()> {
     fs::create_dir_all(base).map_err(|e| Error::io("creating", base, e))?;
-    let path = base.join(DESCRIPTOR);
-    let tmp = base.join(format!(".{DESCRIPTOR}.tmp"));
+    write_settings(base, DESCRIPTOR, cfg)
+}
+
+/// Writes `cfg`'s settings to `dir/name` atomically (temporary file, fsync, rename, directory
+/// fsync): `storage.cfg`, and the `bucket` marker of a host directory.
+fn write_settings(dir: &Path, name: &str, cfg: &BucketConfig) -> Result<()> {
+    let (path, tmp) = (dir.join(name), dir.join(format!(".{name}.tmp")));
     let write = || -> io::Result<()> {
         let mut f = File::create(&tmp)?;
         io::Write::write_all(&mut f, cfg.render().as_bytes())?;
         f.sync_all()?;
         fs::rename(&tmp, &path)?;
-        sync_dir(base)
+        sync_dir(dir)
     };
     write().map_err(|e| Error::io("writing", &path, e))
 }
@@ -423,9 +420,16 @@ fn store_error(e: object_store::Error) -> io::Error {
     }
 }
 
-fn parse_name(name: &str) -> Option<u64> {
-    let hex = name.strip_suffix(".seg").filter(|h| h.len() == 16)?;
-    u64::from_str_radix(hex, 16).ok()
+/// One listing of the objects and common prefixes under `prefix` (the whole bucket if `None`).
+fn list(store: &Arc<dyn ObjectStore>, prefix: Option<ObjPath>) -> io::Result<object_store::ListResult> {
+    let store = store.clone();
+    run(async move { store.list_with_delimiter(prefix.as_ref()).await }).and_then(|r| r.map_err(store_error))
+}
+
+/// The segment objects under `dir`, with their lengths.
+fn segments_in(store: &Arc<dyn ObjectStore>, dir: &ObjPath) -> io::Result<BTreeMap<u64, u64>> {
+    let listed = list(store, Some(dir.clone()))?;
+    Ok(listed.objects.iter().filter_map(|o| Some((o.location.filename().and_then(segment_number)?, o.size))).collect())
 }
 
 /// Which segments are staged locally and which are in the bucket (with their lengths).
@@ -460,26 +464,11 @@ impl BucketStorage {
         let url = format!("s3://{}/{dir}", cfg.bucket);
         let staging = DirStorage::new(&host_dir.join("segments"), &host_dir.join("quarantine"))
             .map_err(|e| Error::io("opening staging directory", host_dir.join("segments"), e))?;
-        let marker = host_dir.join(MARKER);
-        if !marker.exists() {
-            let write = || -> io::Result<()> {
-                let mut f = File::create(&marker)?;
-                io::Write::write_all(&mut f, cfg.render().as_bytes())?;
-                f.sync_all()?;
-                sync_dir(host_dir)
-            };
-            write().map_err(|e| Error::io("writing", &marker, e))?;
+        if !host_dir.join(MARKER).exists() {
+            write_settings(host_dir, MARKER, cfg)?;
         }
-        let (s, d) = (store.clone(), dir.clone());
-        let listed = run(async move { s.list_with_delimiter(Some(&d)).await })
-            .and_then(|r| r.map_err(store_error))
-            .map_err(|e| Error::io("listing segments in", &url, e))?;
-        let mut state = State::default();
-        for o in listed.objects {
-            if let Some(seg) = o.location.filename().and_then(parse_name) {
-                state.uploaded.insert(seg, o.size);
-            }
-        }
+        let uploaded = segments_in(&store, &dir).map_err(|e| Error::io("listing segments in", &url, e))?;
+        let mut state = State { uploaded, ..State::default() };
         for seg in staging.list().map_err(|e| Error::io("listing", staging.path(0), e))? {
             match state.uploaded.get(&seg) {
                 Some(&len) if staging.len(seg).ok() == Some(len) => {
@@ -735,7 +724,7 @@ impl Cache {
             let path = entry.map_err(|e| Error::io("listing", dir, e))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             let len = fs::metadata(&path).map(|m| m.len()).ok();
-            let keep = parse_name(name).filter(|seg| uploaded.get(seg).copied() == len);
+            let keep = segment_number(name).filter(|seg| uploaded.get(seg).copied() == len);
             match (keep, len) {
                 (Some(seg), Some(len)) => {
                     let file = Arc::new(File::open(&path).map_err(|e| Error::io("opening", &path, e))?);

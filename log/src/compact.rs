@@ -308,9 +308,7 @@ impl crate::Repo {
             .map(|(seg, _)| *seg)
             .collect();
         if victims.is_empty() {
-            report.segments_after = report.segments_before;
-            report.bytes_after = report.bytes_before;
-            return Ok(report);
+            return Ok(unchanged(report));
         }
 
         if victims.contains(&start.segment) {
@@ -365,9 +363,7 @@ impl crate::Repo {
         }
         batch.commit(self, &mut log)?;
         if victims.is_empty() {
-            report.segments_after = report.segments_before;
-            report.bytes_after = report.bytes_before;
-            return Ok(report);
+            return Ok(unchanged(report));
         }
         // The switch: one durable record names what is retired.
         let ranges = victims.iter().map(|s| [segs[s].first_seq, segs[s].next_seq]).collect();
@@ -458,6 +454,11 @@ fn newest_set(index: &Index) -> Option<SetId> {
 fn interrupted(mut report: CompactReport) -> CompactReport {
     tracing::info!("a backup started during compaction: nothing retired this time");
     report.interrupted = true;
+    unchanged(report)
+}
+
+/// `report` for a run that retired nothing: the segments after are those before.
+fn unchanged(mut report: CompactReport) -> CompactReport {
     report.segments_after = report.segments_before;
     report.bytes_after = report.bytes_before;
     report

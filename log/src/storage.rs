@@ -117,6 +117,12 @@ impl DirStorage {
     }
 }
 
+/// The number of a segment file or object named `<16 hex digits>.seg`; `None` for other names.
+pub fn segment_number(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".seg").filter(|h| h.len() == 16)?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
 /// Makes a directory's entries (file creations, renames, removals) durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -142,10 +148,8 @@ impl Storage for DirStorage {
         for entry in fs::read_dir(&self.dir)? {
             let name = entry?.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(hex) = name.strip_suffix(".seg").filter(|h| h.len() == 16) {
-                if let Ok(n) = u64::from_str_radix(hex, 16) {
-                    out.push(n);
-                }
+            if let Some(n) = segment_number(name) {
+                out.push(n);
             }
         }
         out.sort_unstable();
