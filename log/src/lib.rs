@@ -23,5 +23,6 @@ pub mod storage;
 
 pub use compact::{CompactOptions, CompactReport};
 pub use error::{Error, Result};
+pub use index::IndexOptions;
 pub use repo::{IndexCheck, ReplayStats, Repo, RepoOptions};
 pub use segments::{LogOptions, Pos};

@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::frame::{MAX_BODY, SEGMENT_HEADER_LEN};
-use crate::index::{Applied, Index, IndexMismatch, INDEX_VERSION};
+use crate::index::{Applied, Index, IndexMismatch, IndexOptions, INDEX_VERSION};
 use crate::segments::{self, Batch, Damage, Log, LogOptions, NextSeq, Pos, Rec, Recovery};
 use crate::storage::{DirStorage, Storage};
 use std::collections::BTreeMap;
@@ -32,6 +32,7 @@ use tardis_core::keywrap::WrappedKey;
 #[derive(Debug, Clone, Default)]
 pub struct RepoOptions {
     pub log: LogOptions,
+    pub index: IndexOptions,
     /// Segment storage to use instead of `<host>/segments` (tests inject faults with it).
     pub storage: Option<Arc<dyn Storage>>,
     /// The time to stamp events with (Unix nanoseconds) instead of the system clock: tests
@@ -83,7 +84,7 @@ pub struct ScratchIndex {
 impl ScratchIndex {
     /// Creates an empty index at `path`. Anything already there can only be left over from a
     /// run that was killed (the repository lock keeps two checks apart), so it is removed.
-    fn create(path: &Path) -> Result<ScratchIndex> {
+    fn create(path: &Path, options: IndexOptions) -> Result<ScratchIndex> {
         if fs::symlink_metadata(path).is_ok() {
             tracing::warn!(path = %path.display(), "removing the scratch index of an interrupted verify");
             fs::remove_dir_all(path)
@@ -91,7 +92,7 @@ impl ScratchIndex {
         }
         // From here on, dropping the guard removes whatever was created, even on error.
         let mut scratch = ScratchIndex { index: None, path: path.to_owned() };
-        scratch.index = Some(Index::open(path)?);
+        scratch.index = Some(Index::open(path, options)?);
         Ok(scratch)
     }
 }
@@ -125,6 +126,7 @@ pub struct Repo {
     recovery: Recovery,
     replayed: ReplayStats,
     clock: Option<Arc<AtomicI64>>,
+    index_options: IndexOptions,
     /// Held by a running compaction, so that two never interleave their copies.
     compaction: Mutex<()>,
     _lock: File,
@@ -287,7 +289,7 @@ impl Repo {
             destroy_index(&index_dir)?;
             test_hooks::index_deleted(&dir);
         }
-        let existing = match Index::open(&index_dir) {
+        let existing = match Index::open(&index_dir, opts.index) {
             Ok(i) => Some(i),
             // A newer build's index: refuse, and leave it alone for that build.
             Err(e @ Error::Version { what: "index", found, .. }) if found > INDEX_VERSION => return Err(e),
@@ -310,13 +312,13 @@ impl Repo {
                     tracing::warn!(index = %h, log = %log.end(), "index does not match the log; rebuilding it");
                     drop(i);
                     destroy_index(&index_dir)?;
-                    (Index::open(&index_dir)?, None)
+                    (Index::open(&index_dir, opts.index)?, None)
                 }
             },
             None => {
                 tracing::warn!("index has an older layout version; rebuilding it from the log");
                 destroy_index(&index_dir)?;
-                (Index::open(&index_dir)?, None)
+                (Index::open(&index_dir, opts.index)?, None)
             }
         };
         let mut repo = Repo {
@@ -328,6 +330,7 @@ impl Repo {
             recovery,
             replayed: ReplayStats::default(),
             clock: opts.clock.clone(),
+            index_options: opts.index,
             compaction: Mutex::new(()),
             _lock: lock,
         };
@@ -451,7 +454,7 @@ impl Repo {
     /// Writes are held off for the whole check, so the log and the live index stand still.
     pub fn check_index(&self) -> Result<IndexCheck> {
         let _writer = self.writer();
-        let rebuilt = ScratchIndex::create(&self.dir.join(VERIFY_INDEX_DIR))?;
+        let rebuilt = ScratchIndex::create(&self.dir.join(VERIFY_INDEX_DIR), self.index_options)?;
         let plan = ScanPlan { from: None, verify_bodies: true, last_tail_is_damage: true };
         let scan = self.replay_into(&rebuilt, plan)?;
         let cmp = self.index.compare(&rebuilt, MISMATCH_LIMIT)?;
