@@ -41,7 +41,8 @@ for w in $WORKLOADS; do
         corpus) dir=$CORPUS single=linux-source-6.12/MAINTAINERS ;;
         *) echo "unknown workload $w (img, sqlite, corpus)" >&2; exit 2 ;;
     esac
-    CORPUS_DIR=$dir SINGLE_FILE=$single RESULTS_DIR=$OUT/$w bash "$TOP/tests/bench/compare.sh"
+    CORPUS_DIR=$dir SINGLE_FILE=$single RESULTS_DIR=$OUT/$w RUNS=${RUNS:-1} REMOTE=0 \
+        bash "$TOP/tests/bench/compare.sh"
 done
 
 python3 - "$OUT" $WORKLOADS > "$OUT/delta.md" <<'PY'
@@ -51,7 +52,7 @@ label = {"img": "512 MiB disk image, 1% of blocks", "sqlite": "200 MiB SQLite, 3
          "corpus": "whole corpus v1 → v2"}
 rows = []
 for w in workloads:
-    d = os.path.join(out, w)
+    d = os.path.join(out, w, "run1")
     runs = {("tardis", r["step"]): r for r in csv.DictReader(open(os.path.join(d, "tardis.csv")))}
     for r in csv.DictReader(open(os.path.join(d, "results.csv"))):
         runs[(r["peer"], r["step"])] = r
@@ -73,4 +74,4 @@ for w, p, wall, growth, rwall, ok in rows:
     print(f"| {label[w]} | {p}{'' if ok else ' (failed)'} | {wall:.2f} | {growth:,.1f} | {rs} | {ratio} |")
 PY
 cat "$OUT/delta.md"
-echo "results in $OUT (delta.md; per workload: compare.md, tardis.csv, results.csv)" >&2
+echo "results in $OUT (delta.md; per workload: compare.md, run1/tardis.csv, run1/results.csv)" >&2
