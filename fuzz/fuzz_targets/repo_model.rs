@@ -245,9 +245,9 @@ fuzz_target!(|data: &[u8]| {
 });
 
 /// Small memtables: RocksDB flushes them to table files within one history, so those paths
-/// run too, and each open preallocates a write-ahead log of this size, not 32 MiB.
+/// run too, and each open preallocates a write-ahead log of this size, not 70 MiB.
 fn small_index() -> IndexOptions {
-    IndexOptions { memtable_budget: 64 << 10 }
+    IndexOptions { memtable_budget: Some(64 << 10) }
 }
 
 /// The storage operation (counted from a fresh storage) at which the armed failure strikes.
