@@ -73,13 +73,7 @@ fn open(root: &Path, fail_at: Option<u64>) -> (Repo, Arc<FaultStorage>) {
     let seg = root.join(HOST).join("segments");
     let inner = DirStorage::new(&seg, &root.join(HOST).join("quarantine")).expect("segment directory");
     let fault = Arc::new(FaultStorage::new(inner, fail_at));
-    let opts = RepoOptions {
-        // Small segments, so that histories cross segment boundaries.
-        log: LogOptions { segment_size: 8 << 10 },
-        index: small_index(),
-        storage: Some(fault.clone()),
-        ..RepoOptions::default()
-    };
+    let opts = RepoOptions { storage: Some(fault.clone()), ..options() };
     match Repo::open(root, HOST, opts) {
         Ok(repo) => (repo, fault),
         // An open that hit the injected failure (while trimming a torn tail, say) is retried
@@ -238,16 +232,21 @@ fuzz_target!(|data: &[u8]| {
     check(&repo, &keys, &expect);
     let dump = repo.index().dump().expect("dumping the index");
     drop(repo);
-    let opts = || RepoOptions { log: LogOptions { segment_size: 8 << 10 }, index: small_index(), ..RepoOptions::default() };
-    Repo::rebuild_index(root, HOST, opts()).expect("rebuilding the index");
-    let rebuilt = Repo::open(root, HOST, opts()).expect("opening after the rebuild");
+    Repo::rebuild_index(root, HOST, options()).expect("rebuilding the index");
+    let rebuilt = Repo::open(root, HOST, options()).expect("opening after the rebuild");
     assert_eq!(rebuilt.index().dump().expect("dumping the rebuilt index"), dump, "the rebuilt index differs");
 });
 
-/// Small memtables: RocksDB flushes them to table files within one history, so those paths
-/// run too, and each open preallocates a write-ahead log of this size, not 70 MiB.
-fn small_index() -> IndexOptions {
-    IndexOptions { memtable_budget: Some(64 << 10) }
+/// Every open of the repository uses these (with the fault-injecting storage where armed).
+fn options() -> RepoOptions {
+    RepoOptions {
+        // Small segments, so that histories cross segment boundaries.
+        log: LogOptions { segment_size: 8 << 10 },
+        // Small memtables: RocksDB flushes them to table files within one history, so those
+        // paths run too, and each open preallocates a write-ahead log of 64 KiB, not 70 MiB.
+        index: IndexOptions { memtable_budget: Some(64 << 10) },
+        ..RepoOptions::default()
+    }
 }
 
 /// The storage operation (counted from a fresh storage) at which the armed failure strikes.

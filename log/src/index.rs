@@ -300,9 +300,8 @@ pub struct IndexOptions {
     /// Bytes of memtables that all column families share before RocksDB flushes them to
     /// table files [default: RocksDB's own, 64 MiB per column family]. It also caps what the
     /// write-ahead log preallocates on every open, 1.1 × the largest memtable by default. That
-    /// preallocation is taken from the disk's free space, and tests on small file systems
-    /// count on it failing there, so the default stays RocksDB's until space accounting
-    /// includes it.
+    /// preallocation comes out of the disk's free space, which the daemon's space floor does
+    /// not count, so a budget is not the default until it does.
     pub memtable_budget: Option<usize>,
 }
 
