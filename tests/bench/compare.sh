@@ -67,26 +67,8 @@ measure() {
     log "tardis $step: rc=$rc $(tail -n1 "$CSV")"
 }
 
-# A fresh tardisd on loopback for f_remote_v1; its peak RSS (VmHWM) is read after the backup.
+# The loopback tardisd of f_remote_v1 (common.sh); its peak RSS (VmHWM) is read after the backup.
 DAEMON_PID=
-start_daemon() {
-    local dir=$T/server port=7499
-    rm -rf "$dir"; mkdir -p "$dir/db"
-    printf '[Tardis]\nBaseDir = %s\nPort = %s\nListen = 127.0.0.1\nAllowNewHosts = yes\n' "$dir/db" "$port" \
-        > "$dir/tardisd.cfg"
-    "$BIN/tardisd" --foreground --config "$dir/tardisd.cfg" > "$RUN_DIR/logs/tardisd.log" 2>&1 &
-    DAEMON_PID=$!
-    local i
-    for i in $(seq 300); do
-        grep -q "^tardisd: listening on .* (UDP)" "$RUN_DIR/logs/tardisd.log" && return 0
-        sleep 0.1
-    done
-    log "tardisd did not start: $(tail -n 5 "$RUN_DIR/logs/tardisd.log")"; exit 1
-}
-stop_daemon() {
-    kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true
-    DAEMON_PID=; DAEMON_RSS=
-}
 trap '[[ -n $DAEMON_PID ]] && kill "$DAEMON_PID" 2>/dev/null; true' EXIT
 
 tardis_run() {
@@ -100,10 +82,10 @@ tardis_run() {
     measure b_noop_v1 "$T/db" "" "$BIN/tardis" --local "${common[@]}" --name s2 -q "$SRC"
     measure w_walk "$T/db" "" bash -c "find $(printf '%q' "$SRC") -printf '%i %s %T@ %C@ %m %u %g %p\n' > /dev/null"
     if [[ $REMOTE == 1 ]]; then
-        start_daemon
+        start_tardisd "$T/server" 7499 "$RUN_DIR/logs/tardisd.log"
         measure f_remote_v1 "$T/server/db" "" "$BIN/tardis" --server 127.0.0.1 --port 7499 \
             --known-hosts "$T/known_hosts" --host bench --password-file "$T/password" --create --name s1 -q "$SRC"
-        stop_daemon
+        stop_tardisd; DAEMON_RSS=
         rm -rf "$T/server"
     fi
     rsync -a --delete "$V2/" "$SRC/"

@@ -75,15 +75,10 @@ for n in $SIZES; do
     measure "$n" restore "$d/db" "$BIN/regenerate" "${common[@]}" --set s2 -o "$d/restored" "$tree"
     rm -rf "$d/restored"
     measure "$n" verify "$d/db" "$BIN/tardis-tools" "${common[@]}" verify
-    mkdir -p "$d/server/db"
-    printf '[Tardis]\nBaseDir = %s\nPort = 7498\nListen = 127.0.0.1\nAllowNewHosts = yes\n' "$d/server/db" \
-        > "$d/server/tardisd.cfg"
-    "$BIN/tardisd" --foreground --config "$d/server/tardisd.cfg" > "$RESULTS_DIR/logs/$n-tardisd.log" 2>&1 &
-    DAEMON_PID=$!
-    for _ in $(seq 300); do grep -q "listening on .* (UDP)" "$RESULTS_DIR/logs/$n-tardisd.log" && break; sleep 0.1; done
+    start_tardisd "$d/server" 7498 "$RESULTS_DIR/logs/$n-tardisd.log"
     measure "$n" remote "$d/server/db" "$BIN/tardis" --server 127.0.0.1 --port 7498 --known-hosts "$d/known_hosts" \
         --host scale --password-file "$d/password" --create --name s1 -q "$tree"
-    kill -TERM "$DAEMON_PID"; wait "$DAEMON_PID" || true; DAEMON_PID=
+    stop_tardisd
     rm -rf "$d"
 done
 
