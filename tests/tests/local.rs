@@ -161,6 +161,50 @@ fn a_tree_of_5000_files_with_links_across_the_write_queue_regenerates_exactly() 
 }
 
 #[test]
+fn a_killed_tree_restore_leaves_no_target_and_the_rerun_restores_it_whole() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    for d in 0..4 {
+        let dir = src.join(format!("d{d}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..8u64 {
+            fs::write(dir.join(format!("f{f}")), noise(4 << 20, d * 8 + f + 1)).unwrap();
+        }
+    }
+    let db = work.path().join("db");
+    let (code, _, err) = backup(&db, "h", "pw", &src, &["--name", "one"]);
+    assert_eq!(code, 0, "{err}");
+
+    // The tree is built under `.out.tardis-tmp` beside `out` and renamed when complete.
+    let out = work.path().join("out");
+    let staging = work.path().join(".out.tardis-tmp");
+    let mut child = Command::new(bin("regenerate"))
+        .arg("--db")
+        .arg(&db)
+        .args(["--host", "h", "--password", "pw", "--set", "one", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while du(&staging) < 24 << 20 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("restore finished before it could be killed: {status}");
+        }
+        std::thread::yield_now();
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    assert!(!out.exists(), "a killed restore left a partial tree under the target name");
+    assert!(staging.is_dir(), "the killed restore had not written where it should");
+
+    regenerate(&db, "h", "pw", "one", &src, &out);
+    assert_same(&manifest(&src), &manifest(&out), "tree restored after a killed restore");
+    assert!(!staging.exists(), "the rerun left the killed restore's tree behind");
+}
+
+#[test]
 fn unchanged_tree_of_10000_files_reads_nothing_and_stores_little() {
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");

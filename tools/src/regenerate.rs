@@ -1,7 +1,9 @@
 //! Restoring a file or a tree from a set, bit-exact, with metadata.
 //!
 //! Regular files are written to a temporary name and renamed into place (a killed restore never
-//! leaves a truncated file at the target); only data extents are written, so holes stay holes.
+//! leaves a truncated file at the target); a tree restored to a new path is built under one
+//! temporary name and renamed into place whole. Only data extents are written, so holes stay
+//! holes.
 //! Hard links are restored as links within one run. Directory metadata is applied after their
 //! contents, so their times are the stored ones.
 //!
@@ -88,6 +90,28 @@ impl<'a> Restorer<'a> {
 
     /// Restores `node` (and, for a directory, everything below it) at `target`.
     pub fn restore(&mut self, node: &Node, target: &Path) -> Result<()> {
+        let new_tree = node.meta.kind == Kind::Dir
+            && matches!(std::fs::symlink_metadata(target), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        if !new_tree {
+            return self.restore_at(node, target);
+        }
+        let staging = restore::begin_tree(target)?;
+        let saved = self.opts;
+        self.opts.direct = true;
+        let done = self.restore_at(node, &staging);
+        self.opts = saved;
+        done.with_context(|| format!("what was restored is in {}", staging.display()))?;
+        restore::finish_tree(&staging, target)?;
+        // Links to this tree from paths restored later must name where it is now.
+        for path in self.links.values_mut() {
+            if let Ok(rest) = path.strip_prefix(&staging) {
+                *path = target.join(rest);
+            }
+        }
+        Ok(())
+    }
+
+    fn restore_at(&mut self, node: &Node, target: &Path) -> Result<()> {
         self.walk(node, target)?;
         self.write_queue()?;
         for (existing, new) in std::mem::take(&mut self.later_links) {
