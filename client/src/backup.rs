@@ -59,7 +59,10 @@ pub struct BackupOptions {
     /// Descend into other file systems below the given paths.
     pub crossdev: bool,
     pub excludes: ExcludeConfig,
-    /// File data gathered before it is hashed, encoded and sent as one batch.
+    /// File data gathered before it is hashed, encoded and sent as one batch. Up to three
+    /// batches (and their encoded copies) are in memory at once. 4 MiB backs up the benchmark
+    /// corpus as fast as 32 MiB did (23.4-24.7 s against 23.8 s) with 100 MiB of peak RSS
+    /// instead of 218 MiB, and a daemon receiving it peaks at 74 MiB instead of 96 MiB.
     pub batch_bytes: usize,
     /// The time that picks the schedule name (Unix nanoseconds) [default: the system clock].
     pub now: Option<i64>,
@@ -73,7 +76,7 @@ impl Default for BackupOptions {
             full: false,
             crossdev: false,
             excludes: ExcludeConfig::from_env(Vec::new(), Vec::new()),
-            batch_bytes: 32 << 20,
+            batch_bytes: 4 << 20,
             now: None,
         }
     }
