@@ -294,14 +294,19 @@ pub fn decode_entry(key: &[u8], value: &[u8]) -> Result<EntryVersion> {
     }
 }
 
+/// The memtable of each column family: what RocksDB holds in memory before it writes a table
+/// file, and (× 1.1) what the write-ahead log preallocates on disk at every open. RocksDB's
+/// default, 64 MiB, let every writer of an index (a backup, the daemon, verify's scratch index)
+/// grow by up to 5 × 2 × 64 MiB with the number of files, and reserved 70 MiB of disk per open
+/// index. 4 MiB bounds the memtables at 40 MiB and the reservation at 4.4 MiB.
+const MEMTABLE_BYTES: usize = 4 << 20;
+
 /// How the index uses memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IndexOptions {
     /// Bytes of memtables that all column families share before RocksDB flushes them to
-    /// table files [default: RocksDB's own, 64 MiB per column family]. It also caps what the
-    /// write-ahead log preallocates on every open, 1.1 × the largest memtable by default. That
-    /// preallocation comes out of the disk's free space, which the daemon's space floor does
-    /// not count, so a budget is not the default until it does.
+    /// table files, below the 4 MiB each may hold [default: no shared cap]. Tests and fuzzing
+    /// set a small one so that flushes happen within short histories.
     pub memtable_budget: Option<usize>,
 }
 
@@ -312,10 +317,15 @@ impl Index {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(4);
+        opts.set_write_buffer_size(MEMTABLE_BYTES);
         if let Some(budget) = options.memtable_budget {
             opts.set_db_write_buffer_size(budget);
         }
-        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let cfs = ALL_CFS.iter().map(|n| {
+            let mut cf = Options::default();
+            cf.set_write_buffer_size(MEMTABLE_BYTES);
+            ColumnFamilyDescriptor::new(*n, cf)
+        });
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(Error::index("opening"))?;
         let index = Index { db, sets: RwLock::new(BTreeMap::new()) };
         match index.db.get_cf(index.cf(CF_META), KEY_FORMAT).map_err(Error::index("reading format"))? {
