@@ -29,6 +29,7 @@
 use crate::error::{Error, Result};
 use crate::exclude::{ExcludeConfig, Rules};
 use crate::fsmeta::{self, Owners};
+use crate::prefetch::Prefetch;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -217,6 +218,7 @@ pub fn backup(
     tracing::info!(set, name, base, "backup started");
     let mut stats = BackupStats { set, set_name: name, priority: prio, ..BackupStats::default() };
     let (tx, rx) = mpsc::sync_channel::<Batch>(1);
+    let prefetch = Prefetch::start();
     let (walked, sent) = std::thread::scope(|scope| {
         let sender = scope.spawn(move || send_batches(repo, keys, set, rx, policy));
         let mut w = Walker {
@@ -230,6 +232,7 @@ pub fn backup(
             batch: Batch::default(),
             tx: Some(tx),
             links: HashMap::new(),
+            prefetch: &prefetch,
             stats: &mut stats,
         };
         let walked = w.walk(paths);
@@ -418,6 +421,7 @@ struct Walker<'a, 's> {
     tx: Option<mpsc::SyncSender<Batch>>,
     /// Hard-linked files already read in this run: (dev, ino) → their extents.
     links: HashMap<(u64, u64), Vec<Extent>>,
+    prefetch: &'a Prefetch,
     stats: &'s mut BackupStats,
 }
 
@@ -626,9 +630,20 @@ impl Walker<'_, '_> {
                 Err(e) => self.warn(format!("cannot list {}: {e}", path.display())),
             }
             names.sort();
-            for (cname, is_dir) in names {
-                let cpath = path.join(std::ffi::OsStr::from_bytes(&cname));
-                if child_rules.is_excluded(&cpath, is_dir) || (is_dir && child_rules.skip_dir(&cpath)) {
+            let kept: Vec<(Vec<u8>, bool, PathBuf)> = names
+                .into_iter()
+                .filter_map(|(cname, is_dir)| {
+                    let cpath = path.join(std::ffi::OsStr::from_bytes(&cname));
+                    (!child_rules.is_excluded(&cpath, is_dir)).then_some((cname, is_dir, cpath))
+                })
+                .collect();
+            // Before skip_dir, which already reads inside each subdirectory.
+            let same_dev = (!self.opts.crossdev).then_some(dev);
+            for (_, _, cpath) in kept.iter().filter(|k| k.1) {
+                self.prefetch.dir(cpath, same_dev);
+            }
+            for (cname, is_dir, cpath) in kept {
+                if is_dir && child_rules.skip_dir(&cpath) {
                     continue;
                 }
                 let cbase = base_children.remove(&cname);

@@ -16,6 +16,7 @@ pub mod cli;
 mod error;
 pub mod exclude;
 pub mod fsmeta;
+mod prefetch;
 pub mod purge;
 pub mod remote;
 pub mod restore;
