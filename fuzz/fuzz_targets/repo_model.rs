@@ -243,7 +243,7 @@ fn options() -> RepoOptions {
         // Small segments, so that histories cross segment boundaries.
         log: LogOptions { segment_size: 8 << 10 },
         // Small memtables: RocksDB flushes them to table files within one history, so those
-        // paths run too, and each open preallocates a write-ahead log of 64 KiB, not 70 MiB.
+        // paths run too, and each open preallocates a write-ahead log of 64 KiB, not 4.4 MiB.
         index: IndexOptions { memtable_budget: Some(64 << 10) },
         ..RepoOptions::default()
     }
