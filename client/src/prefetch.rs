@@ -3,10 +3,12 @@
 //! The walk visits entries one at a time, and on a cold cache every directory costs it disk
 //! reads (the directory's blocks, then its entries' inodes) that it waits for one after the
 //! other, while the disk could serve several at once. When the walk lists a directory, it hands
-//! the subdirectories it will visit to a few threads here, which list them and stat their
-//! entries, so those reads are in flight together and the walk mostly finds them cached. The
-//! threads read metadata only and keep nothing, so they change no result: a hint that is
-//! dropped (queue full) or fails only costs time.
+//! the subdirectories that its exclude patterns keep (including any that `.tardis-skip` or
+//! `CACHEDIR.TAG` will skip, which it has not probed yet) to a few threads here, which list them
+//! and stat their entries, so those reads are in flight together and the walk mostly finds them
+//! cached. The threads read metadata only and keep nothing: a hint that is dropped (queue full)
+//! or fails only costs time. One side effect: listing a directory can update its access time
+//! (relatime) before the walk records its metadata.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

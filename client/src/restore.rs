@@ -185,15 +185,16 @@ impl FileWriter {
         Ok(())
     }
 
-    /// Sets the length to `size` (a trailing gap becomes a hole) and renames the
-    /// file onto the target. Metadata is applied afterwards with [`apply_meta`] on the target.
+    /// Gives the file its length `size` (a trailing gap becomes a hole) and, unless it was
+    /// written directly ([`RestoreOptions::direct`]), renames it onto the target. Metadata is
+    /// applied afterwards with [`apply_meta`] on the target.
     pub fn finish(mut self, size: u64) -> Result<()> {
         // The file is new, so its length is the end of the last write unless a hole trails it.
         if self.end != size {
             self.file.set_len(size).map_err(Error::io_at("setting the length of", &self.tmp))?;
         }
         // No fsync per file: a killed restore never shows a partial file under the target name
-        // (the rename is the last step), and durability comes from one `sync_filesystem` at the
+        // (the rename of the file, or of the staged tree, is the last step), and durability comes from one `sync_filesystem` at the
         // end of the restore, which is an order of magnitude faster on trees of small files.
         if !self.direct {
             place(&self.tmp, &self.target, self.overwrite).map_err(Error::io_at("moving into place", &self.target))?;
