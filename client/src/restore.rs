@@ -181,7 +181,10 @@ impl FileWriter {
     /// Writes `data` at `offset`. Ranges never written read back as zeros and take no space.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.file.write_all_at(data, offset).map_err(Error::io_at("writing", &self.tmp))?;
-        self.end = self.end.max(offset + data.len() as u64);
+        // An empty write does not make the file longer.
+        if !data.is_empty() {
+            self.end = self.end.max(offset + data.len() as u64);
+        }
         Ok(())
     }
 
@@ -300,10 +303,33 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
 }
 
 /// Removes what an earlier, killed restore left under the temporary name.
+/// That may be a whole tree of a killed tree restore ([`begin_tree`]), whose directories may
+/// already carry read-only modes if it was killed while applying them.
 fn remove_stale(tmp: &Path) -> Result<()> {
-    match fs::remove_file(tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io("removing stale", tmp, e)),
-        _ => Ok(()),
+    let md = match fs::symlink_metadata(tmp) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("reading metadata of", tmp, e)),
+    };
+    if !md.is_dir() {
+        return fs::remove_file(tmp).map_err(Error::io_at("removing stale", tmp));
+    }
+    if fs::remove_dir_all(tmp).is_ok() {
+        return Ok(());
+    }
+    make_dirs_writable(tmp);
+    fs::remove_dir_all(tmp).map_err(Error::io_at("removing stale", tmp))
+}
+
+/// Gives the owner full access to every directory of the tree at `dir`, so it can be removed.
+/// Best effort: what still cannot be removed is reported by the caller.
+fn make_dirs_writable(dir: &Path) {
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            make_dirs_writable(&e.path());
+        }
     }
 }
 
@@ -346,12 +372,7 @@ fn place(tmp: &Path, target: &Path, overwrite: bool) -> io::Result<()> {
 /// the same target left there.
 pub fn begin_tree(target: &Path) -> Result<PathBuf> {
     let staging = temp_path(target)?;
-    match fs::symlink_metadata(&staging) {
-        Ok(md) if md.is_dir() => fs::remove_dir_all(&staging).map_err(Error::io_at("removing stale", &staging))?,
-        Ok(_) => remove_stale(&staging)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("reading metadata of", &staging, e)),
-    }
+    remove_stale(&staging)?;
     Ok(staging)
 }
 
@@ -599,11 +620,20 @@ mod tests {
         let target = tmp.path().join("tree");
         let direct = RestoreOptions { owners: false, overwrite: false, direct: true };
 
-        // What a killed restore left: a stale tree under the temporary name.
+        // What a killed restore left: a stale tree under the temporary name, killed while it
+        // applied read-only modes.
         let stale = begin_tree(&target).unwrap();
         assert_eq!(stale, tmp.path().join(".tree.tardis-tmp"));
-        fs::create_dir_all(stale.join("d")).unwrap();
+        fs::create_dir_all(stale.join("d/e")).unwrap();
         fs::write(stale.join("d/partial"), "par").unwrap();
+        for d in ["d/e", "d"] {
+            fs::set_permissions(stale.join(d), fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        make_dirs_writable(&stale);
+        for d in ["", "d", "d/e"] {
+            assert_eq!(fs::metadata(stale.join(d)).unwrap().permissions().mode() & 0o777, 0o700, "{d}");
+        }
+        fs::set_permissions(stale.join("d"), fs::Permissions::from_mode(0o555)).unwrap();
 
         let staging = begin_tree(&target).unwrap();
         assert!(!staging.exists(), "the stale tree was not removed");
@@ -618,6 +648,17 @@ mod tests {
         finish_tree(&staging, &target).unwrap();
         assert!(!staging.exists());
         assert_eq!(fs::read(target.join("f")).unwrap(), b"whole\0\0\0");
+
+        // A stale tree does not block a later restore of a file to the same name.
+        let f = tmp.path().join("f");
+        fs::create_dir_all(tmp.path().join(".f.tardis-tmp/sub")).unwrap();
+        let keep = RestoreOptions { owners: false, overwrite: false, direct: false };
+        let mut w = FileWriter::create(&f, &keep).unwrap();
+        // An empty write at the end does not stand in for the length.
+        w.write_at(0, b"ab").unwrap();
+        w.write_at(4, b"").unwrap();
+        w.finish(4).unwrap();
+        assert_eq!(fs::read(&f).unwrap(), b"ab\0\0");
 
         // An entry that appeared at the target meanwhile is never replaced.
         let other = tmp.path().join("other");

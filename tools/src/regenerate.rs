@@ -100,8 +100,15 @@ impl<'a> Restorer<'a> {
         self.opts.direct = true;
         let done = self.restore_at(node, &staging);
         self.opts = saved;
-        done.with_context(|| format!("what was restored is in {}", staging.display()))?;
-        restore::finish_tree(&staging, target)?;
+        if let Err(e) = done {
+            if staging.exists() {
+                let note = format!("what was restored so far is in {} (a new run starts over)", staging.display());
+                return Err(e.context(note));
+            }
+            return Err(e);
+        }
+        restore::finish_tree(&staging, target)
+            .with_context(|| format!("the restored tree is complete under {}", staging.display()))?;
         // Links to this tree from paths restored later must name where it is now.
         for path in self.links.values_mut() {
             if let Ok(rest) = path.strip_prefix(&staging) {
