@@ -10,8 +10,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use tardis_core::api::{Repository, SetState, Write};
 use tardis_core::chunkcodec;
 use tardis_core::crypto::Keys;
@@ -42,9 +43,12 @@ enum Op {
     Abandon,
     Reopen,
     /// Fail storage operation `after` (counted from now), then cut the power with `mode`.
+    /// With `reopen`, the repository is first reopened on the armed storage, so the failure
+    /// may strike during recovery itself.
     Crash {
         after: u8,
         mode: CrashMode,
+        reopen: bool,
     },
 }
 
@@ -59,6 +63,7 @@ fn ops(data: &[u8]) -> Vec<Op> {
             6 => Op::Reopen,
             _ => Op::Crash {
                 after: b[1] % 16,
+                reopen: b[1] & 16 != 0,
                 mode: match b[0] / 8 % 3 {
                     0 => CrashMode::DropUnsynced,
                     1 => CrashMode::KeepUnsynced,
@@ -147,8 +152,8 @@ fuzz_target!(|data: &[u8]| {
     let dir = tardis_fuzz::tempdir();
     let root = dir.path();
     let keys = Keys::unencrypted(HostId([9; 16]));
+    copy_tree(template(&keys), root);
     let (mut repo, mut fault) = open(root, None);
-    repo.create_host(keys.host(), None).expect("creating the host");
 
     let mut committed = Files::new();
     let mut pending = Files::new();
@@ -203,11 +208,15 @@ fuzz_target!(|data: &[u8]| {
                 check(&repo, &keys, &expect);
                 Ok(())
             }
-            Op::Crash { after, mode } => {
-                // Arm a failure `after` operations from now on a fresh storage: the history
-                // goes on until some write or fsync fails there.
-                drop(repo);
-                (repo, fault) = open(root, Some(fault_after(after)));
+            Op::Crash { after, mode, reopen } => {
+                // The history goes on until some write or fsync fails `after` operations from now.
+                let at = u64::from(after) + 1;
+                if reopen {
+                    drop(repo);
+                    (repo, fault) = open(root, Some(at));
+                } else {
+                    fault.arm(at);
+                }
                 crash_mode = mode;
                 Ok(())
             }
@@ -237,6 +246,32 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(rebuilt.index().dump().expect("dumping the rebuilt index"), dump, "the rebuilt index differs");
 });
 
+/// A repository holding only the host, made once per process. Every history starts from a copy
+/// of it: creating an index's column families costs RocksDB an options file each, and made a
+/// fresh repository per execution cost three times a reopen.
+fn template(keys: &Keys) -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let dir = tardis_fuzz::tempdir().keep();
+        let (repo, _) = open(&dir, None);
+        repo.create_host(keys.host(), None).expect("creating the host");
+        dir
+    })
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for entry in fs::read_dir(from).expect("listing the template") {
+        let entry = entry.expect("listing the template");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("a template entry's type").is_dir() {
+            fs::create_dir(&target).expect("copying the template");
+            copy_tree(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).expect("copying the template");
+        }
+    }
+}
+
 /// Every open of the repository uses these (with the fault-injecting storage where armed).
 fn options() -> RepoOptions {
     RepoOptions {
@@ -247,9 +282,4 @@ fn options() -> RepoOptions {
         index: IndexOptions { memtable_budget: Some(64 << 10) },
         ..RepoOptions::default()
     }
-}
-
-/// The storage operation (counted from a fresh storage) at which the armed failure strikes.
-fn fault_after(after: u8) -> u64 {
-    u64::from(after) + 1
 }

@@ -46,6 +46,13 @@ impl FaultStorage {
         FaultStorage { inner: Arc::new(inner), state: Arc::new(Mutex::new(State { fail_at, ..State::default() })) }
     }
 
+    /// Makes the `n`th mutating operation from now (1: the next one) fail, and every one after
+    /// it, on a storage already in use.
+    pub fn arm(&self, n: u64) {
+        let mut s = self.lock();
+        s.fail_at = Some(s.ops + n);
+    }
+
     /// Mutating operations performed so far.
     pub fn ops(&self) -> u64 {
         self.lock().ops
