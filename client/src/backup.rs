@@ -30,10 +30,11 @@ use crate::error::{Error, Result};
 use crate::exclude::{ExcludeConfig, Rules};
 use crate::fsmeta::{self, Owners};
 use crate::prefetch::Prefetch;
+use nix::fcntl::OFlag;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -615,14 +616,11 @@ impl Walker<'_, '_> {
                 }
             };
             let mut names: Vec<(Vec<u8>, bool)> = Vec::new();
-            match fs::read_dir(path) {
-                Ok(rd) => {
-                    for e in rd {
+            match fsmeta::list_dir(path) {
+                Ok(entries) => {
+                    for e in entries {
                         match e {
-                            Ok(e) => {
-                                let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-                                names.push((e.file_name().as_bytes().to_vec(), is_dir));
-                            }
+                            Ok(name) => names.push(name),
                             Err(e) => self.warn(format!("listing {}: {e}", path.display())),
                         }
                     }
@@ -705,7 +703,7 @@ impl Walker<'_, '_> {
     /// the chunk of `previous` (the file's version in the base set) that each one replaces.
     fn read_file(&mut self, path: &Path, meta: &mut FileMeta, previous: Option<&Node>) -> Result<Vec<Extent>> {
         let old: &[Extent] = previous.map_or(&[], |p| &p.version.extents);
-        let mut file = File::open(path).map_err(Error::io_at("opening", path))?;
+        let mut file = fsmeta::open_read(path, OFlag::empty()).map_err(Error::io_at("opening", path))?;
         let regions = if meta.sparse {
             fsmeta::data_regions(&file, meta.size).map_err(Error::io_at("finding data regions of", path))?
         } else {

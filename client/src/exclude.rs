@@ -22,7 +22,6 @@
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -166,10 +165,7 @@ impl Rules {
 fn has_cachedir_tag(dir: &Path) -> bool {
     // Non-blocking and not following symlinks, so a FIFO or a link planted under that name can
     // neither hang the walk nor point it elsewhere.
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW).bits())
-        .open(dir.join("CACHEDIR.TAG"));
+    let file = crate::fsmeta::open_read(&dir.join("CACHEDIR.TAG"), OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW);
     let Ok(mut file) = file else {
         return false;
     };
@@ -182,7 +178,12 @@ fn has_cachedir_tag(dir: &Path) -> bool {
 
 /// Reads and compiles a per-directory patterns file; a missing file has no patterns.
 fn read_patterns(file: &Path, anchor: &Path) -> Result<Option<PatternSet>> {
-    match fs::read(file) {
+    let read = |file: &Path| -> io::Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        crate::fsmeta::open_read(file, OFlag::empty())?.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    match read(file) {
         Ok(bytes) => PatternSet::parse(&bytes, &file.display().to_string(), anchor),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io("reading exclude file", file, e)),

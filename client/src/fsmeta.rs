@@ -5,7 +5,8 @@
 //! [`Owners`] (a tree of 100k files has a handful of owners), and reads extended attributes, which
 //! carry POSIX ACLs and SELinux labels. [`same_stat`] is the change-detection rule that lets an
 //! unchanged file cost only its `stat`, and [`data_regions`] finds the extents of a sparse file so
-//! that holes are neither read nor stored.
+//! that holes are neither read nor stored. [`open_read`] and [`list_dir`] read files and
+//! directories without touching their access times.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -13,10 +14,13 @@ use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
+use nix::dir::{Dir, OwningIter, Type};
 use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 use nix::unistd::{lseek, Gid, Group, Uid, User, Whence};
 use serde_bytes::ByteBuf;
 use tardis_core::meta::{FileMeta, Kind, Timestamp, Xattr};
@@ -175,6 +179,59 @@ pub fn data_regions(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(regions)
 }
 
+/// Opens `path` for reading with `flags` added, and with `O_NOATIME`: the backup records each
+/// entry's access time and leaves it as it was, for the programs that rely on it (mail readers
+/// telling new mail from read mail, cleaners of unused files). `O_NOATIME` needs the file's owner
+/// or `CAP_FOWNER`; without them, the file is opened without it.
+pub fn open_read(path: &Path, flags: OFlag) -> io::Result<File> {
+    let open = |flags: OFlag| fs::OpenOptions::new().read(true).custom_flags(flags.bits()).open(path);
+    match open(flags | OFlag::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(flags),
+        opened => opened,
+    }
+}
+
+/// The entries of directory `path` (without `.` and `..`), listed as [`open_read`] reads a file:
+/// without updating the directory's access time where that is permitted.
+pub fn list_dir(path: &Path) -> io::Result<DirNames> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let dir = match Dir::open(path, flags | OFlag::O_NOATIME, Mode::empty()) {
+        Err(Errno::EPERM) => Dir::open(path, flags, Mode::empty()),
+        opened => opened,
+    }?;
+    Ok(DirNames { entries: dir.into_iter(), path: path.to_path_buf() })
+}
+
+/// What [`list_dir`] returns: each entry's name, and whether it is a directory.
+#[derive(Debug)]
+pub struct DirNames {
+    entries: OwningIter,
+    path: PathBuf,
+}
+
+impl Iterator for DirNames {
+    type Item = io::Result<(Vec<u8>, bool)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let entry = match self.entries.next()? {
+                Ok(e) => e,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let is_dir = match entry.file_type() {
+                Some(t) => t == Type::Directory,
+                // The file system does not say (DT_UNKNOWN): ask the inode.
+                None => fs::symlink_metadata(self.path.join(OsStr::from_bytes(name))).is_ok_and(|m| m.is_dir()),
+            };
+            return Some(Ok((name.to_vec(), is_dir)));
+        }
+    }
+}
+
 fn to_off(pos: u64) -> io::Result<i64> {
     i64::try_from(pos).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset beyond i64::MAX"))
 }
@@ -216,13 +273,93 @@ pub(crate) fn is_unsupported(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
     use std::os::unix::net::UnixListener;
 
     use nix::sys::stat::{makedev, mknod, utimensat, Mode, SFlag, UtimensatFlags};
     use nix::sys::time::TimeSpec;
     use nix::unistd::mkfifo;
+
+    /// Sets an access time older than the modification time: under `relatime` (or
+    /// `strictatime`), the next ordinary read of `path` moves it.
+    fn stale_atime(path: &Path) {
+        let (atime, mtime) = (TimeSpec::new(1_000_000_000, 0), TimeSpec::new(1_100_000_000, 0));
+        utimensat(None, path, &atime, &mtime, UtimensatFlags::NoFollowSymlink).unwrap();
+    }
+
+    fn atime(path: &Path) -> i64 {
+        fs::symlink_metadata(path).unwrap().atime()
+    }
+
+    #[test]
+    fn open_read_and_list_dir_leave_access_times_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, file) = (tmp.path().join("d"), tmp.path().join("d/f"));
+        fs::create_dir_all(dir.join("sub")).unwrap();
+        fs::write(&file, b"data").unwrap();
+        symlink("f", dir.join("link")).unwrap();
+        for p in [&dir, &file] {
+            stale_atime(p);
+        }
+
+        let mut names: Vec<_> = list_dir(&dir).unwrap().map(Result::unwrap).collect();
+        names.sort();
+        let want: Vec<(Vec<u8>, bool)> =
+            vec![(b"f".to_vec(), false), (b"link".to_vec(), false), (b"sub".to_vec(), true)];
+        assert_eq!(names, want);
+        let mut data = Vec::new();
+        open_read(&file, OFlag::empty()).unwrap().read_to_end(&mut data).unwrap();
+        assert_eq!(data, b"data");
+        assert_eq!(atime(&dir), 1_000_000_000, "listing moved the directory's atime");
+        assert_eq!(atime(&file), 1_000_000_000, "reading moved the file's atime");
+
+        // The same reads done the ordinary way do move them here, or the test proves nothing
+        // (a file system mounted noatime).
+        fs::read(&file).unwrap();
+        fs::read_dir(&dir).unwrap().for_each(drop);
+        assert_ne!(atime(&file), 1_000_000_000, "ordinary reads keep atimes on this file system");
+        assert_ne!(atime(&dir), 1_000_000_000, "ordinary listing keeps atimes on this file system");
+        assert!(list_dir(&file).is_err() && open_read(&dir.join("missing"), OFlag::empty()).is_err());
+    }
+
+    /// Run by the test below as `nobody`, in a process of its own: reads the tree in
+    /// `TARDIS_NOATIME_DIR`, whose entries `nobody` does not own.
+    #[test]
+    #[ignore = "run by without_the_right_to_keep_atimes_files_and_directories_are_still_read"]
+    fn read_as_another_user() {
+        let dir = PathBuf::from(std::env::var_os("TARDIS_NOATIME_DIR").expect("TARDIS_NOATIME_DIR"));
+        let direct = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOATIME).open(dir.join("f"));
+        assert_eq!(direct.unwrap_err().raw_os_error(), Some(libc::EPERM), "O_NOATIME was permitted");
+        let mut data = Vec::new();
+        open_read(&dir.join("f"), OFlag::empty()).unwrap().read_to_end(&mut data).unwrap();
+        assert_eq!(data, b"data");
+        let names: Vec<_> = list_dir(&dir).unwrap().map(Result::unwrap).collect();
+        assert_eq!(names, vec![(b"f".to_vec(), false)]);
+    }
+
+    #[test]
+    fn without_the_right_to_keep_atimes_files_and_directories_are_still_read() {
+        use std::os::unix::process::CommandExt;
+        if !Uid::effective().is_root() {
+            eprintln!("skipped: needs root, to read as another user");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("f"), b"data").unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "fsmeta::tests::read_as_another_user", "--ignored", "--nocapture"])
+            .env("TARDIS_NOATIME_DIR", &dir)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && log.contains("1 passed"), "{log}");
+    }
 
     fn cap(path: &Path) -> FileMeta {
         capture(path, b"x", &mut Owners::new()).unwrap().unwrap()

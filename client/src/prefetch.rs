@@ -7,10 +7,12 @@
 //! `CACHEDIR.TAG` will skip, which it has not probed yet) to a few threads here, which list them
 //! and stat their entries, so those reads are in flight together and the walk mostly finds them
 //! cached. The threads read metadata only and keep nothing: a hint that is dropped (queue full)
-//! or fails only costs time. One side effect: listing a directory can update its access time
-//! (relatime) before the walk records its metadata.
+//! or fails only costs time. Like the walk, they list directories without updating their access
+//! times (where permitted), so the walk still records the times the directories had.
 
+use std::ffi::OsStr;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,9 +79,9 @@ fn warm(dir: &Path, dev: Option<u64>) {
             _ => return,
         }
     }
-    let Ok(entries) = fs::read_dir(dir) else { return };
-    for e in entries.flatten() {
-        let _ = fs::symlink_metadata(e.path());
+    let Ok(entries) = crate::fsmeta::list_dir(dir) else { return };
+    for (name, _) in entries.flatten() {
+        let _ = fs::symlink_metadata(dir.join(OsStr::from_bytes(&name)));
     }
 }
 

@@ -1,7 +1,10 @@
 //! `tardis --local` and `regenerate`/`tardis-tools` end to end, on real trees, as root.
 
+use nix::sys::stat::{utimensat, UtimensatFlags};
+use nix::sys::time::TimeSpec;
 use std::ffi::OsStr;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use tardis_tests::{assert_same, bin, change_every_kind, du, every_kind_tree, manifest, noise, run, run_s};
@@ -202,6 +205,46 @@ fn a_killed_tree_restore_leaves_no_target_and_the_rerun_restores_it_whole() {
     regenerate(&db, "h", "pw", "one", &src, &out);
     assert_same(&manifest(&src), &manifest(&out), "tree restored after a killed restore");
     assert!(!staging.exists(), "the rerun left the killed restore's tree behind");
+}
+
+/// Sets an access time older than the modification time, which an ordinary read moves.
+fn stale_atime(path: &Path) {
+    let (atime, mtime) = (TimeSpec::new(1_000_000_000, 0), TimeSpec::new(1_100_000_000, 0));
+    utimensat(None, path, &atime, &mtime, UtimensatFlags::NoFollowSymlink).unwrap();
+}
+
+#[test]
+fn a_backup_leaves_access_times_as_they_were_and_records_them() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(src.join("mail/new")).unwrap();
+    fs::write(src.join("mail/new/big"), noise(3 << 20, 1)).unwrap();
+    fs::write(src.join("mail/new/small"), "unread\n").unwrap();
+    fs::write(src.join(".tardis-excludes"), "*.tmp\n").unwrap();
+    let paths: Vec<_> = ["", "mail", "mail/new", "mail/new/big", "mail/new/small", ".tardis-excludes"]
+        .iter()
+        .map(|p| src.join(p))
+        .collect();
+    // Children first: setting a file's times does not touch its directory's.
+    for p in paths.iter().rev() {
+        stale_atime(p);
+    }
+    let db = work.path().join("db");
+    let (code, json, err) = backup(&db, "h", "pw", &src, &["--name", "one"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json["files_read"], 3, "{json}");
+    for p in &paths {
+        assert_eq!(fs::metadata(p).unwrap().atime(), 1_000_000_000, "the backup moved the atime of {}", p.display());
+    }
+    let out = work.path().join("out");
+    regenerate(&db, "h", "pw", "one", &src, &out);
+    for name in ["mail/new", "mail/new/big", "mail/new/small"] {
+        assert_eq!(
+            fs::metadata(out.join(name)).unwrap().atime(),
+            1_000_000_000,
+            "{name} was recorded with another atime"
+        );
+    }
 }
 
 #[test]
