@@ -51,7 +51,7 @@ impl Prefetch {
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                warm(&dir, dev);
+                warm(&dir, dev, &stop);
             });
             if let Ok(t) = spawned {
                 threads.push(t);
@@ -70,7 +70,7 @@ impl Prefetch {
 }
 
 /// Lists `dir` and stats every entry, for the side effect of caching them.
-fn warm(dir: &Path, dev: Option<u64>) {
+fn warm(dir: &Path, dev: Option<u64>, stop: &AtomicBool) {
     if let Some(dev) = dev {
         // Another file system below the backup (a mount point the walk records but does not
         // enter): not ours to read.
@@ -81,6 +81,11 @@ fn warm(dir: &Path, dev: Option<u64>) {
     }
     let Ok(entries) = crate::fsmeta::list_dir(dir) else { return };
     for (name, _) in entries.flatten() {
+        // A directory of a million entries would otherwise keep a thread busy long after the
+        // walk has ended.
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
         let _ = fs::symlink_metadata(dir.join(OsStr::from_bytes(&name)));
     }
 }

@@ -323,7 +323,9 @@ pub fn run(
             for (node, target) in nodes.iter().zip(&targets) {
                 r.restore(node, target)?;
             }
-            // One sync for the whole restore: when regenerate succeeds, the files are durable.
+            // One sync per target's file system, not one per file: when regenerate succeeds, the
+            // files are durable. (A new directory tree was also synced once before it was renamed
+            // into place.)
             for target in &targets {
                 restore::sync_filesystem(target)?;
             }
