@@ -104,7 +104,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         crossdev: cli.crossdev,
         excludes: ExcludeConfig::from_env(cli.exclude.clone(), cli.exclude_file.clone()),
         now: cli::now_override()?,
-        ..BackupOptions::default()
+        batch_bytes: if server.server.is_some() { backup::REMOTE_BATCH_BYTES } else { backup::LOCAL_BATCH_BYTES },
     };
     let show_bar = !cli.json && !cli.log.quiet && std::io::stderr().is_terminal();
     let bar = Bar::new(show_bar);

@@ -207,6 +207,31 @@ fn a_killed_tree_restore_leaves_no_target_and_the_rerun_restores_it_whole() {
     assert!(!staging.exists(), "the rerun left the killed restore's tree behind");
 }
 
+#[test]
+fn copies_of_a_file_in_consecutive_batches_are_stored_once() {
+    let work = tempfile::tempdir().unwrap();
+    let (one, many) = (work.path().join("one"), work.path().join("many"));
+    fs::create_dir_all(&one).unwrap();
+    fs::create_dir_all(&many).unwrap();
+    let data = noise(3 << 20, 77);
+    fs::write(one.join("f00a"), &data).unwrap();
+    // A copy then a distinct file, 12 times: every 4 MiB batch holds a copy, so while one batch
+    // is appended the next is asked about, and the copy's chunks in flight must not be sent again.
+    for i in 0..12 {
+        fs::write(many.join(format!("f{i:02}a")), &data).unwrap();
+        for dir in [&one, &many] {
+            fs::write(dir.join(format!("f{i:02}b")), noise(3 << 20, i)).unwrap();
+        }
+    }
+    let (code, single, err) = backup(&work.path().join("db1"), "h", "pw", &one, &[]);
+    assert_eq!(code, 0, "{err}");
+    let (code, copies, err) = backup(&work.path().join("db2"), "h", "pw", &many, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(copies["files_read"], 24, "{copies}");
+    assert_eq!(copies["new_chunks"], single["new_chunks"], "copies stored more chunks than one file: {copies}");
+    assert_eq!(copies["new_bytes"], single["new_bytes"], "{copies}");
+}
+
 /// Sets an access time older than the modification time, which an ordinary read moves.
 fn stale_atime(path: &Path) {
     let (atime, mtime) = (TimeSpec::new(1_000_000_000, 0), TimeSpec::new(1_100_000_000, 0));
