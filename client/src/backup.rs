@@ -390,6 +390,10 @@ fn encode_batches(
             writes.push(Write::Chunk(c));
         }
         writes.extend(batch.writes);
+        // The raw data is encoded now: free it before waiting for the appender.
+        drop(new);
+        drop(bases);
+        drop(batch.chunks);
         if !writes.is_empty() {
             // Refused: the appender stopped on an error, which send_batches reports.
             tx.send(writes).map_err(|_| Error::Invalid("the repository stopped accepting writes".into()))?;

@@ -12,15 +12,13 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::dir::{Dir, OwningIter, Type};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
-use nix::sys::stat::Mode;
 use nix::unistd::{lseek, Gid, Group, Uid, User, Whence};
 use serde_bytes::ByteBuf;
 use tardis_core::meta::{FileMeta, Kind, Timestamp, Xattr};
@@ -194,18 +192,16 @@ pub fn open_read(path: &Path, flags: OFlag) -> io::Result<File> {
 /// The entries of directory `path` (without `.` and `..`), listed as [`open_read`] reads a file:
 /// without updating the directory's access time where that is permitted.
 pub fn list_dir(path: &Path) -> io::Result<DirNames> {
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    let dir = match Dir::open(path, flags | OFlag::O_NOATIME, Mode::empty()) {
-        Err(Errno::EPERM) => Dir::open(path, flags, Mode::empty()),
-        opened => opened,
-    }?;
-    Ok(DirNames { entries: dir.into_iter(), path: path.to_path_buf() })
+    let dir = open_read(path, OFlag::O_DIRECTORY)?;
+    // rustix reads with getdents64 and reports every error; after one, it ends the listing, as
+    // std's `ReadDir` does, so a failing directory cannot loop forever.
+    Ok(DirNames { entries: rustix::fs::Dir::new(OwnedFd::from(dir))?, path: path.to_path_buf() })
 }
 
 /// What [`list_dir`] returns: each entry's name, and whether it is a directory.
 #[derive(Debug)]
 pub struct DirNames {
-    entries: OwningIter,
+    entries: rustix::fs::Dir,
     path: PathBuf,
 }
 
@@ -223,9 +219,12 @@ impl Iterator for DirNames {
                 continue;
             }
             let is_dir = match entry.file_type() {
-                Some(t) => t == Type::Directory,
+                rustix::fs::FileType::Directory => true,
                 // The file system does not say (DT_UNKNOWN): ask the inode.
-                None => fs::symlink_metadata(self.path.join(OsStr::from_bytes(name))).is_ok_and(|m| m.is_dir()),
+                rustix::fs::FileType::Unknown => {
+                    fs::symlink_metadata(self.path.join(OsStr::from_bytes(name))).is_ok_and(|m| m.is_dir())
+                }
+                _ => false,
             };
             return Some(Ok((name.to_vec(), is_dir)));
         }
