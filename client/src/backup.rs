@@ -62,9 +62,9 @@ pub struct BackupOptions {
     /// Descend into other file systems below the given paths.
     pub crossdev: bool,
     pub excludes: ExcludeConfig,
-    /// File data gathered before it is hashed, encoded and sent as one batch. Up to four
-    /// batches (two with their encoded copies) are in memory at once [default:
-    /// [`LOCAL_BATCH_BYTES`]].
+    /// File data gathered before it is hashed, encoded and sent as one batch. Up to three
+    /// batches of raw data (being filled, queued, being encoded) and two encoded ones (waiting
+    /// for the appender, being appended) are in memory at once [default: [`LOCAL_BATCH_BYTES`]].
     pub batch_bytes: usize,
     /// The time that picks the schedule name (Unix nanoseconds) [default: the system clock].
     pub now: Option<i64>,
