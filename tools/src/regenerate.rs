@@ -183,9 +183,8 @@ impl<'a> Restorer<'a> {
                         .with_context(|| format!("writing {} at offset {}", job.target.display(), e.offset))
                 })
                 .with_context(|| format!("restoring {}", job.target.display()))?;
-                w.finish(job.node.meta.size)?;
                 let mut owners = owners.lock().unwrap_or_else(|p| p.into_inner());
-                restore::apply_meta(&job.target, &job.node.meta, opts, &mut owners)?;
+                w.finish(&job.node.meta, &mut owners)?;
                 Ok(())
             })
         })
