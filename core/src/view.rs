@@ -189,6 +189,10 @@ pub fn read_extent_cached(repo: &dyn Repository, keys: &Keys, e: &Extent, cache:
 pub struct Plain {
     pub plain: Vec<u8>,
     pub depth: u8,
+    /// The stored and the plaintext bytes of the chunk stored in full at the bottom of the
+    /// chain (the chunk itself at depth 0): how well this content compresses. `None` when the
+    /// chain ended at a cached base.
+    pub full_sizes: Option<(u64, u64)>,
 }
 
 /// Decoded plaintexts a reader keeps (the mount's chunk cache): a delta chain is read only down
@@ -242,6 +246,10 @@ pub fn read_chunk_cached(repo: &dyn Repository, keys: &Keys, id: &ChunkId, cache
         }
         next = d.base;
     }
+    let full_sizes = match bottom {
+        Some(_) => None,
+        None => chain.last().map(|c| (c.body.len() as u64, u64::from(c.meta.plain_len))),
+    };
     let (mut base, mut depth) = match bottom {
         Some((plain, depth)) => (Some(plain), depth + 1),
         None => (None, 0),
@@ -265,7 +273,7 @@ pub fn read_chunk_cached(repo: &dyn Repository, keys: &Keys, id: &ChunkId, cache
         base = Some(plain);
         depth += 1;
     }
-    Ok(Plain { plain: decode(top, base.as_ref(), depth)?, depth: depth as u8 })
+    Ok(Plain { plain: decode(top, base.as_ref(), depth)?, depth: depth as u8, full_sizes })
 }
 
 #[cfg(test)]
