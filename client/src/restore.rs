@@ -396,14 +396,29 @@ fn place(tmp: &Path, target: &Path, overwrite: bool) -> io::Result<()> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     match nix::fcntl::renameat2(None, tmp, None, target, nix::fcntl::RenameFlags::RENAME_NOREPLACE) {
         Ok(()) => return Ok(()),
-        // The file system lacks RENAME_NOREPLACE: fall back to check-then-rename below.
+        // The file system lacks RENAME_NOREPLACE: fall back to the ways below.
         Err(Errno::EINVAL) => {}
         Err(e) => return Err(e.into()),
     }
-    if fs::symlink_metadata(target).is_ok() {
-        return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+    match place_by_link(tmp, target) {
+        // A directory cannot be linked, and some file systems have no hard links at all: check,
+        // then rename. Only there can an entry that appears in between be replaced.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP | libc::ENOSYS)) => {
+            if fs::symlink_metadata(target).is_ok() {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            fs::rename(tmp, target)
+        }
+        other => other,
     }
-    fs::rename(tmp, target)
+}
+
+/// Moves `tmp` to `target` without ever replacing an entry there: a hard link fails with
+/// EEXIST atomically, then the temporary name is removed. Not for directories.
+fn place_by_link(tmp: &Path, target: &Path) -> io::Result<()> {
+    // On Linux this links a symlink itself, not what it points to.
+    fs::hard_link(tmp, target)?;
+    fs::remove_file(tmp)
 }
 
 /// Starts a tree restore to `target`, which must not exist: returns the temporary path to
@@ -783,6 +798,24 @@ mod tests {
         meta.uid = 5000;
         apply_meta(&p, &meta, &RestoreOptions { owners: false, overwrite: false, direct: false }, &mut owners).unwrap();
         assert_eq!(cap(&p).uid, 4242);
+    }
+
+    #[test]
+    fn placing_by_link_never_replaces_an_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, target) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("t"));
+        fs::write(&a, b"first").unwrap();
+        place_by_link(&a, &target).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"first");
+        assert!(!a.exists(), "the temporary name is gone");
+        fs::write(&b, b"second").unwrap();
+        let err = place_by_link(&b, &target).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&target).unwrap(), b"first", "the existing entry is kept");
+        // A symlink is moved as itself.
+        symlink("nowhere", &a).unwrap();
+        place_by_link(&a, &tmp.path().join("l")).unwrap();
+        assert_eq!(fs::read_link(tmp.path().join("l")).unwrap(), Path::new("nowhere"));
     }
 
     #[test]
