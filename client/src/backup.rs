@@ -557,7 +557,7 @@ impl Walker<'_, '_> {
             self.entry(path, parent, name, base, &rules, dev)?;
             return Ok(());
         }
-        let Some(meta) = fsmeta::capture(path, name, &mut self.owners)? else {
+        let Some(meta) = fsmeta::capture(path, name, &self.owners)? else {
             return Err(Error::Invalid(format!(
                 "{} is not a directory (a symlink?); give the path without symlinks",
                 path.display()
@@ -629,7 +629,7 @@ impl Walker<'_, '_> {
         dev: u64,
     ) -> Result<bool> {
         self.progress.entry(path);
-        let meta = match fsmeta::capture(path, name, &mut self.owners) {
+        let meta = match fsmeta::capture(path, name, &self.owners) {
             Ok(Some(m)) => m,
             Ok(None) => {
                 self.warn(format!("skipped socket {}", path.display()));

@@ -16,6 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -28,9 +29,16 @@ use crate::error::{Error, Result};
 /// A cache of user and group database lookups, in both directions.
 ///
 /// `getpwuid` may go to NSS (LDAP, sssd), so each id or name is looked up once per run. A failed
-/// lookup is cached as "unknown" too: it would fail the same way for the next file.
+/// lookup is cached as "unknown" too: it would fail the same way for the next file. The cache is
+/// shared by reference between a restore's writer threads; its lock covers only the lookup, never
+/// the file system calls that use the answer.
 #[derive(Debug, Default)]
 pub struct Owners {
+    maps: Mutex<OwnerMaps>,
+}
+
+#[derive(Debug, Default)]
+struct OwnerMaps {
     users: HashMap<u32, Option<String>>,
     groups: HashMap<u32, Option<String>>,
     uids: HashMap<String, Option<u32>>,
@@ -42,39 +50,48 @@ impl Owners {
         Self::default()
     }
 
+    fn maps(&self) -> MutexGuard<'_, OwnerMaps> {
+        // A panic elsewhere cannot leave the maps half-updated: each insert is one call.
+        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The local name of user `uid`, if it has one.
-    pub fn user(&mut self, uid: u32) -> Option<String> {
-        self.users
+    pub fn user(&self, uid: u32) -> Option<String> {
+        self.maps()
+            .users
             .entry(uid)
             .or_insert_with(|| User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name))
             .clone()
     }
 
     /// The local name of group `gid`, if it has one.
-    pub fn group(&mut self, gid: u32) -> Option<String> {
-        self.groups
+    pub fn group(&self, gid: u32) -> Option<String> {
+        self.maps()
+            .groups
             .entry(gid)
             .or_insert_with(|| Group::from_gid(Gid::from_raw(gid)).ok().flatten().map(|g| g.name))
             .clone()
     }
 
     /// The local uid of user `name`, if such a user exists here.
-    pub fn uid_of(&mut self, name: &str) -> Option<u32> {
-        if let Some(uid) = self.uids.get(name) {
+    pub fn uid_of(&self, name: &str) -> Option<u32> {
+        let mut maps = self.maps();
+        if let Some(uid) = maps.uids.get(name) {
             return *uid;
         }
         let uid = User::from_name(name).ok().flatten().map(|u| u.uid.as_raw());
-        self.uids.insert(name.to_owned(), uid);
+        maps.uids.insert(name.to_owned(), uid);
         uid
     }
 
     /// The local gid of group `name`, if such a group exists here.
-    pub fn gid_of(&mut self, name: &str) -> Option<u32> {
-        if let Some(gid) = self.gids.get(name) {
+    pub fn gid_of(&self, name: &str) -> Option<u32> {
+        let mut maps = self.maps();
+        if let Some(gid) = maps.gids.get(name) {
             return *gid;
         }
         let gid = Group::from_name(name).ok().flatten().map(|g| g.gid.as_raw());
-        self.gids.insert(name.to_owned(), gid);
+        maps.gids.insert(name.to_owned(), gid);
         gid
     }
 }
@@ -83,7 +100,7 @@ impl Owners {
 /// it will be stored (the walker knows it as raw bytes already).
 ///
 /// Returns `Ok(None)` for sockets, which cannot be backed up; the caller reports them as skipped.
-pub fn capture(path: &Path, name: &[u8], owners: &mut Owners) -> Result<Option<FileMeta>> {
+pub fn capture(path: &Path, name: &[u8], owners: &Owners) -> Result<Option<FileMeta>> {
     let md = fs::symlink_metadata(path).map_err(Error::io_at("reading metadata of", path))?;
     let ft = md.file_type();
     let kind = if ft.is_file() {
@@ -361,7 +378,7 @@ mod tests {
     }
 
     fn cap(path: &Path) -> FileMeta {
-        capture(path, b"x", &mut Owners::new()).unwrap().unwrap()
+        capture(path, b"x", &Owners::new()).unwrap().unwrap()
     }
 
     #[test]
@@ -374,7 +391,7 @@ mod tests {
         utimensat(None, &p, &TimeSpec::new(1_500_000_000, 5), &t, UtimensatFlags::NoFollowSymlink).unwrap();
         xattr::set(&p, "user.tardis", b"value").unwrap();
 
-        let m = capture(&p, b"f\xff", &mut Owners::new()).unwrap().unwrap();
+        let m = capture(&p, b"f\xff", &Owners::new()).unwrap().unwrap();
         let md = fs::symlink_metadata(&p).unwrap();
         assert_eq!(m.name.as_slice(), b"f\xff");
         assert_eq!(m.kind, Kind::File);
@@ -418,7 +435,7 @@ mod tests {
 
         let sock = dir.path().join("sock");
         let _listener = UnixListener::bind(&sock).unwrap();
-        assert!(capture(&sock, b"sock", &mut Owners::new()).unwrap().is_none());
+        assert!(capture(&sock, b"sock", &Owners::new()).unwrap().is_none());
 
         if nix::unistd::geteuid().is_root() {
             let dev = dir.path().join("null");
@@ -432,7 +449,7 @@ mod tests {
     fn missing_path_names_operation_and_path() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("gone");
-        let e = capture(&p, b"gone", &mut Owners::new()).unwrap_err();
+        let e = capture(&p, b"gone", &Owners::new()).unwrap_err();
         let msg = e.to_string();
         assert!(msg.starts_with("reading metadata of ") && msg.contains("gone"), "{msg}");
     }
@@ -448,7 +465,7 @@ mod tests {
 
     #[test]
     fn owners_cache_both_directions() {
-        let mut o = Owners::new();
+        let o = Owners::new();
         assert_eq!(o.user(0).as_deref(), Some("root"));
         assert_eq!(o.user(0).as_deref(), Some("root"));
         assert_eq!(o.uid_of("root"), Some(0));
@@ -459,8 +476,8 @@ mod tests {
         assert_eq!(o.group(3_999_999_999), None);
         assert_eq!(o.uid_of("tardis-no-such-user"), None);
         assert_eq!(o.gid_of("tardis-no-such-group"), None);
-        assert_eq!(o.users.len(), 2);
-        assert_eq!(o.uids.len(), 2);
+        assert_eq!(o.maps().users.len(), 2);
+        assert_eq!(o.maps().uids.len(), 2);
     }
 
     #[test]

@@ -188,15 +188,16 @@ impl FileWriter {
     /// ([`RestoreOptions::direct`]), renames it onto the target. The metadata goes through the
     /// open descriptor: four calls that each resolved the whole path took a tenth of a full
     /// restore's system time.
-    pub fn finish(mut self, meta: &FileMeta, owners: &mut Owners) -> Result<()> {
+    pub fn finish(mut self, meta: &FileMeta, owners: &Owners) -> Result<()> {
         // The file is new, so its length is the end of the last write unless a hole trails it.
         if self.end != meta.size {
             self.file.set_len(meta.size).map_err(Error::io_at("setting the length of", &self.tmp))?;
         }
         apply(On::Open(&self.file, &self.tmp), meta, &self.opts, owners)?;
         // No fsync per file: a killed restore never shows a partial file under the target name
-        // (the rename of the file, or of the staged tree, is the last step), and durability comes from one `sync_filesystem` at the
-        // end of the restore, which is an order of magnitude faster on trees of small files.
+        // (the rename of the file, or of the staged tree, is the last step), and durability
+        // comes from one `sync_filesystem` at the end of the restore, which is an order of
+        // magnitude faster on trees of small files.
         if !self.opts.direct {
             place(&self.tmp, &self.target, self.opts.overwrite)
                 .map_err(Error::io_at("moving into place", &self.target))?;
@@ -223,7 +224,7 @@ impl Drop for FileWriter {
 /// the saved numeric id is used. Attributes the file system does not support are skipped with a
 /// warning; `user.` and ACL attributes present on the file but not in `meta` (such as an ACL
 /// inherited from the parent's default ACL) are removed.
-pub fn apply_meta(path: &Path, meta: &FileMeta, opts: &RestoreOptions, owners: &mut Owners) -> Result<()> {
+pub fn apply_meta(path: &Path, meta: &FileMeta, opts: &RestoreOptions, owners: &Owners) -> Result<()> {
     apply(On::Path(path), meta, opts, owners)
 }
 
@@ -235,10 +236,16 @@ enum On<'a> {
     Open(&'a File, &'a Path),
 }
 
-fn apply(on: On<'_>, meta: &FileMeta, opts: &RestoreOptions, owners: &mut Owners) -> Result<()> {
-    let path = match on {
-        On::Path(p) | On::Open(_, p) => p,
-    };
+impl<'a> On<'a> {
+    fn path(self) -> &'a Path {
+        match self {
+            On::Path(p) | On::Open(_, p) => p,
+        }
+    }
+}
+
+fn apply(on: On<'_>, meta: &FileMeta, opts: &RestoreOptions, owners: &Owners) -> Result<()> {
+    let path = on.path();
     if opts.owners {
         let uid = meta.user.as_deref().and_then(|n| owners.uid_of(n)).unwrap_or(meta.uid);
         let gid = meta.group.as_deref().and_then(|n| owners.gid_of(n)).unwrap_or(meta.gid);
@@ -248,7 +255,7 @@ fn apply(on: On<'_>, meta: &FileMeta, opts: &RestoreOptions, owners: &mut Owners
         }
         .map_err(Error::io_at("changing owner of", path))?;
     }
-    restore_xattrs(on, path, meta)?;
+    restore_xattrs(on, meta)?;
     // Symlinks have no mode of their own on Linux, and chmod would follow the link.
     if meta.kind != Kind::Symlink {
         let mode = fs::Permissions::from_mode(meta.mode & 0o7777);
@@ -270,7 +277,8 @@ fn timespec(t: Timestamp) -> TimeSpec {
     TimeSpec::new(t.sec, i64::from(t.nsec))
 }
 
-fn restore_xattrs(on: On<'_>, path: &Path, meta: &FileMeta) -> Result<()> {
+fn restore_xattrs(on: On<'_>, meta: &FileMeta) -> Result<()> {
+    let path = on.path();
     let wanted: HashSet<&[u8]> = meta.xattrs.iter().map(|x| x.name.as_slice()).collect();
     let present = match on {
         On::Path(p) => xattr::list(p),
@@ -463,7 +471,7 @@ mod tests {
     }
 
     fn cap(path: &Path) -> FileMeta {
-        capture(path, b"n", &mut Owners::new()).unwrap().unwrap()
+        capture(path, b"n", &Owners::new()).unwrap().unwrap()
     }
 
     /// A regular file of `size` bytes, mode 0644, owned by root.
@@ -508,7 +516,7 @@ mod tests {
             f.read_exact_at(&mut buf, off).unwrap();
             w.write_at(off, &buf).unwrap();
         }
-        w.finish(meta, &mut Owners::new()).unwrap();
+        w.finish(meta, &Owners::new()).unwrap();
     }
 
     #[test]
@@ -557,12 +565,12 @@ mod tests {
         }
 
         let opts = root_opts();
-        let mut owners = Owners::new();
+        let owners = Owners::new();
         for n in &names {
             let orig = cap(&src.join(n));
             let path = dst.join(n);
             create_node(&path, &orig, &opts).unwrap();
-            apply_meta(&path, &orig, &opts, &mut owners).unwrap();
+            apply_meta(&path, &orig, &opts, &owners).unwrap();
             assert_restored(&orig, &cap(&path));
         }
         assert_eq!(fs::read_link(dst.join("link")).unwrap(), Path::new("../some\u{fc}/target"));
@@ -632,14 +640,14 @@ mod tests {
         let mut w = FileWriter::create(&q, &keep).unwrap();
         w.write_at(0, b"new").unwrap();
         fs::write(&q, b"racer").unwrap();
-        assert!(w.finish(&sized(3), &mut Owners::new()).is_err());
+        assert!(w.finish(&sized(3), &Owners::new()).is_err());
         assert_eq!(fs::read(&q).unwrap(), b"racer");
         assert!(!tmp.path().join(".g.tardis-tmp").exists(), "failed finish cleans up");
 
         let over = RestoreOptions { owners: false, overwrite: true, direct: false };
         let mut w = FileWriter::create(&p, &over).unwrap();
         w.write_at(0, b"new").unwrap();
-        w.finish(&sized(3), &mut Owners::new()).unwrap();
+        w.finish(&sized(3), &Owners::new()).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"new");
     }
 
@@ -665,7 +673,7 @@ mod tests {
         assert!(tmp.path().join(".big.tardis-tmp").exists());
         let mut w = FileWriter::create(&p, &opts).unwrap();
         w.write_at(0, b"whole").unwrap();
-        w.finish(&sized(5), &mut Owners::new()).unwrap();
+        w.finish(&sized(5), &Owners::new()).unwrap();
         let mut s = String::new();
         File::open(&p).unwrap().read_to_string(&mut s).unwrap();
         assert_eq!(s, "whole");
@@ -700,7 +708,7 @@ mod tests {
         w.write_at(0, b"whole").unwrap();
         // Written directly: the real name exists before finish, and no temporary name does.
         assert!(staging.join("f").exists() && !staging.join(".f.tardis-tmp").exists());
-        w.finish(&sized(8), &mut Owners::new()).unwrap();
+        w.finish(&sized(8), &Owners::new()).unwrap();
         assert_eq!(fs::read(staging.join("f")).unwrap(), b"whole\0\0\0");
         assert!(!target.exists());
         finish_tree(&staging, &target).unwrap();
@@ -715,7 +723,7 @@ mod tests {
         // An empty write at the end does not stand in for the length.
         w.write_at(0, b"ab").unwrap();
         w.write_at(4, b"").unwrap();
-        w.finish(&sized(4), &mut Owners::new()).unwrap();
+        w.finish(&sized(4), &Owners::new()).unwrap();
         assert_eq!(fs::read(&f).unwrap(), b"ab\0\0");
 
         // An entry that appeared at the target meanwhile is never replaced.
@@ -735,7 +743,7 @@ mod tests {
         symlink(&victim, tmp.path().join(".f.tardis-tmp")).unwrap();
         let mut w = FileWriter::create(&tmp.path().join("f"), &RestoreOptions::default()).unwrap();
         w.write_at(0, b"data").unwrap();
-        w.finish(&sized(4), &mut Owners::new()).unwrap();
+        w.finish(&sized(4), &Owners::new()).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"keep");
         assert_eq!(fs::read(tmp.path().join("f")).unwrap(), b"data");
     }
@@ -747,7 +755,7 @@ mod tests {
         let p = tmp.path().join(&name);
         let mut w = FileWriter::create(&p, &RestoreOptions::default()).unwrap();
         w.write_at(0, b"x").unwrap();
-        w.finish(&sized(1), &mut Owners::new()).unwrap();
+        w.finish(&sized(1), &Owners::new()).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"x");
     }
 
@@ -784,19 +792,19 @@ mod tests {
         let p = tmp.path().join("f");
         fs::write(&p, b"").unwrap();
         let opts = RestoreOptions { owners: true, overwrite: false, direct: false };
-        let mut owners = Owners::new();
+        let owners = Owners::new();
         let mut meta = cap(&p);
         (meta.uid, meta.gid, meta.user, meta.group) = (4242, 4343, Some("root".into()), Some("root".into()));
-        apply_meta(&p, &meta, &opts, &mut owners).unwrap();
+        apply_meta(&p, &meta, &opts, &owners).unwrap();
         assert_eq!((cap(&p).uid, cap(&p).gid), (0, 0));
 
         (meta.user, meta.group) = (Some("tardis-no-such-user".into()), None);
-        apply_meta(&p, &meta, &opts, &mut owners).unwrap();
+        apply_meta(&p, &meta, &opts, &owners).unwrap();
         assert_eq!((cap(&p).uid, cap(&p).gid), (4242, 4343));
 
         // Without `owners` the file keeps whatever owner it has.
         meta.uid = 5000;
-        apply_meta(&p, &meta, &RestoreOptions { owners: false, overwrite: false, direct: false }, &mut owners).unwrap();
+        apply_meta(&p, &meta, &RestoreOptions { owners: false, overwrite: false, direct: false }, &owners).unwrap();
         assert_eq!(cap(&p).uid, 4242);
     }
 
@@ -827,12 +835,12 @@ mod tests {
         let mut meta = cap(&p);
         meta.xattrs = vec![Xattr { name: ByteBuf::from(b"user.fresh".to_vec()), value: ByteBuf::from(vec![]) }];
         let opts = RestoreOptions { owners: false, overwrite: false, direct: false };
-        apply_meta(&p, &meta, &opts, &mut Owners::new()).unwrap();
+        apply_meta(&p, &meta, &opts, &Owners::new()).unwrap();
         assert_eq!(sorted_xattrs(&cap(&p)), meta.xattrs);
         // The same through a descriptor, as FileWriter::finish applies it.
         xattr::set(&p, "user.stale", b"x").unwrap();
         let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
-        apply(On::Open(&f, &p), &meta, &opts, &mut Owners::new()).unwrap();
+        apply(On::Open(&f, &p), &meta, &opts, &Owners::new()).unwrap();
         assert_eq!(sorted_xattrs(&cap(&p)), meta.xattrs);
     }
 
@@ -851,13 +859,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("missing");
         let meta = FileMeta { mode: 0o644, ..FileMeta::default() };
-        let err = apply_meta(
-            &p,
-            &meta,
-            &RestoreOptions { owners: false, overwrite: false, direct: false },
-            &mut Owners::new(),
-        )
-        .unwrap_err();
+        let err =
+            apply_meta(&p, &meta, &RestoreOptions { owners: false, overwrite: false, direct: false }, &Owners::new())
+                .unwrap_err();
         assert!(err.to_string().starts_with("reading xattrs of "), "{err}");
         let bad = FileMeta { kind: Kind::Symlink, target: None, ..FileMeta::default() };
         let err = create_node(&tmp.path().join("l"), &bad, &RestoreOptions::default()).unwrap_err();

@@ -18,7 +18,6 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use tardis_client::fsmeta::Owners;
 use tardis_client::restore::{self, FileWriter, RestoreOptions};
 use tardis_core::event::Extent;
@@ -54,7 +53,7 @@ struct FileJob {
 pub struct Restorer<'a> {
     tree: &'a Tree<'a>,
     opts: RestoreOptions,
-    owners: Mutex<Owners>,
+    owners: Owners,
     pool: rayon::ThreadPool,
     /// The first path restored for each (device, inode) with several links.
     links: HashMap<(u64, u64), PathBuf>,
@@ -77,7 +76,7 @@ impl<'a> Restorer<'a> {
         Ok(Restorer {
             tree,
             opts,
-            owners: Mutex::new(Owners::new()),
+            owners: Owners::new(),
             pool,
             links: HashMap::new(),
             queue: Vec::new(),
@@ -124,9 +123,8 @@ impl<'a> Restorer<'a> {
         for (existing, new) in std::mem::take(&mut self.later_links) {
             restore::link(&existing, &new, &self.opts)?;
         }
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
         for (path, meta) in std::mem::take(&mut self.dirs).iter().rev() {
-            restore::apply_meta(path, meta, &self.opts, &mut owners)?;
+            restore::apply_meta(path, meta, &self.opts, &self.owners)?;
         }
         Ok(())
     }
@@ -165,8 +163,7 @@ impl<'a> Restorer<'a> {
             }
             _ => restore::create_node(target, meta, &self.opts)?,
         }
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-        restore::apply_meta(target, meta, &self.opts, &mut owners)?;
+        restore::apply_meta(target, meta, &self.opts, &self.owners)?;
         Ok(())
     }
 
@@ -183,8 +180,7 @@ impl<'a> Restorer<'a> {
                         .with_context(|| format!("writing {} at offset {}", job.target.display(), e.offset))
                 })
                 .with_context(|| format!("restoring {}", job.target.display()))?;
-                let mut owners = owners.lock().unwrap_or_else(|p| p.into_inner());
-                w.finish(&job.node.meta, &mut owners)?;
+                w.finish(&job.node.meta, owners)?;
                 Ok(())
             })
         })
