@@ -513,6 +513,18 @@ fn replaced_chunk(old: &[Extent], offset: u64, len: u64) -> Option<ChunkId> {
         .map(|(_, id)| id)
 }
 
+/// Opens the regular file `path` whose metadata `meta` the walk captured, for reading. Never
+/// through a symlink, and without waiting for a writer: the name may have been given to another
+/// entry since (up to [`LOOKAHEAD`] entries ago), and a FIFO put there would block the backup.
+fn open_captured(path: &Path, meta: &FileMeta) -> Result<fs::File> {
+    let file = fsmeta::open_read(path, OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).map_err(Error::io_at("opening", path))?;
+    let opened = file.metadata().map_err(Error::io_at("reading metadata of", path))?;
+    if !opened.is_file() || opened.dev() != meta.dev || opened.ino() != meta.ino {
+        return Err(Error::Invalid("it was replaced by another entry since its metadata was read".into()));
+    }
+    Ok(file)
+}
+
 /// Metadata equal apart from access time (which reading changes and nobody restores for).
 fn same_meta(a: &FileMeta, b: &FileMeta) -> bool {
     FileMeta { atime: b.atime, ..a.clone() } == *b
@@ -806,7 +818,7 @@ impl Walker<'_, '_> {
     /// the chunk of `previous` (the file's version in the base set) that each one replaces.
     fn read_file(&mut self, path: &Path, meta: &mut FileMeta, previous: Option<&Node>) -> Result<Vec<Extent>> {
         let old: &[Extent] = previous.map_or(&[], |p| &p.version.extents);
-        let mut file = fsmeta::open_read(path, OFlag::empty()).map_err(Error::io_at("opening", path))?;
+        let mut file = open_captured(path, meta)?;
         let regions = if meta.sparse {
             fsmeta::data_regions(&file, meta.size).map_err(Error::io_at("finding data regions of", path))?
         } else {
@@ -885,6 +897,37 @@ mod tests {
 
     fn base(full_sizes: Option<(u64, u64)>) -> view::Plain {
         view::Plain { plain: Vec::new(), depth: 0, full_sizes }
+    }
+
+    #[test]
+    fn a_file_replaced_after_its_metadata_was_read_is_not_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("f");
+        let capture = |p: &Path| fsmeta::capture(p, b"f", &Owners::new()).unwrap().unwrap();
+        fs::write(&p, b"data").unwrap();
+        let meta = capture(&p);
+        assert!(open_captured(&p, &meta).is_ok());
+        // Rewritten in place: the same inode, still read (the size check after reading warns).
+        fs::write(&p, b"longer data").unwrap();
+        assert!(open_captured(&p, &meta).is_ok());
+
+        let replaced = |what: &str| {
+            let err = open_captured(&p, &meta).unwrap_err().to_string();
+            assert!(err.contains("replaced") || err.contains("opening"), "{what}: {err}");
+        };
+        // Saved under a new inode, as editors do.
+        fs::write(tmp.path().join("new"), b"data").unwrap();
+        fs::rename(tmp.path().join("new"), &p).unwrap();
+        replaced("a new file");
+        // A symlink to a file the walk did not choose.
+        fs::remove_file(&p).unwrap();
+        fs::write(tmp.path().join("secret"), b"secret").unwrap();
+        std::os::unix::fs::symlink("secret", &p).unwrap();
+        replaced("a symlink");
+        // A FIFO without a writer: opening must not block.
+        fs::remove_file(&p).unwrap();
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        replaced("a FIFO");
     }
 
     #[test]
