@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use tardis_client::fsmeta::Owners;
 use tardis_client::restore::{self, FileWriter, RestoreOptions};
 use tardis_core::event::Extent;
@@ -54,6 +55,11 @@ pub struct Restorer<'a> {
     tree: &'a Tree<'a>,
     opts: RestoreOptions,
     owners: Owners,
+    /// Held while a file's length and metadata are set (`FileWriter::finish`), so that one
+    /// writer at a time does it: eight at once contend in the file system. Restoring the
+    /// benchmark's v2 set to ext4 took 11.0 s (12.7 s system time) that way, and 8.3 s (7.7 s)
+    /// one at a time (medians of 5, cold cache).
+    finishing: Mutex<()>,
     pool: rayon::ThreadPool,
     /// The first path restored for each (device, inode) with several links.
     links: HashMap<(u64, u64), PathBuf>,
@@ -77,6 +83,7 @@ impl<'a> Restorer<'a> {
             tree,
             opts,
             owners: Owners::new(),
+            finishing: Mutex::new(()),
             pool,
             links: HashMap::new(),
             queue: Vec::new(),
@@ -172,6 +179,7 @@ impl<'a> Restorer<'a> {
         let queue = std::mem::take(&mut self.queue);
         self.queued_bytes = 0;
         let (tree, opts, owners, pool) = (self.tree, &self.opts, &self.owners, &self.pool);
+        let finishing = &self.finishing;
         pool.install(|| {
             queue.par_iter().try_for_each(|job| {
                 let mut w = FileWriter::create(&job.target, opts)?;
@@ -180,6 +188,7 @@ impl<'a> Restorer<'a> {
                         .with_context(|| format!("writing {} at offset {}", job.target.display(), e.offset))
                 })
                 .with_context(|| format!("restoring {}", job.target.display()))?;
+                let _one_at_a_time = finishing.lock().unwrap_or_else(|p| p.into_inner());
                 w.finish(&job.node.meta, owners)?;
                 Ok(())
             })
