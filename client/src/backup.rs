@@ -31,7 +31,6 @@ use crate::error::{Error, Result};
 use crate::exclude::{ExcludeConfig, Rules};
 use crate::fsmeta::{self, Owners};
 use crate::prefetch::Prefetch;
-use nix::fcntl::OFlag;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -513,11 +512,10 @@ fn replaced_chunk(old: &[Extent], offset: u64, len: u64) -> Option<ChunkId> {
         .map(|(_, id)| id)
 }
 
-/// Opens the regular file `path` whose metadata `meta` the walk captured, for reading. Never
-/// through a symlink, and without waiting for a writer: the name may have been given to another
-/// entry since (up to [`LOOKAHEAD`] entries ago), and a FIFO put there would block the backup.
+/// Opens the regular file `path` whose metadata `meta` the walk captured (up to [`LOOKAHEAD`]
+/// entries ago), for reading, and checks that it is still that file.
 fn open_captured(path: &Path, meta: &FileMeta) -> Result<fs::File> {
-    let file = fsmeta::open_read(path, OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).map_err(Error::io_at("opening", path))?;
+    let file = fsmeta::open_chosen(path).map_err(Error::io_at("opening", path))?;
     let opened = file.metadata().map_err(Error::io_at("reading metadata of", path))?;
     if !opened.is_file() || opened.dev() != meta.dev || opened.ino() != meta.ino {
         return Err(Error::Invalid("it was replaced by another entry since its metadata was read".into()));

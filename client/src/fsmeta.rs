@@ -206,6 +206,13 @@ pub fn open_read(path: &Path, flags: OFlag) -> io::Result<File> {
     }
 }
 
+/// Opens the regular file at `path` that the walk chose to read, as [`open_read`] does, but never
+/// through a symlink and without waiting for a writer: the name may have been given to another
+/// entry since the walk read its metadata, and a FIFO put there would block the reader.
+pub fn open_chosen(path: &Path) -> io::Result<File> {
+    open_read(path, OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK)
+}
+
 /// The entries of directory `path` (without `.` and `..`), listed as [`open_read`] reads a file:
 /// without updating the directory's access time where that is permitted.
 pub fn list_dir(path: &Path) -> io::Result<DirNames> {

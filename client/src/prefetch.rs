@@ -28,7 +28,7 @@ use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use nix::fcntl::{posix_fadvise, OFlag, PosixFadviseAdvice};
+use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 
 /// Threads reading ahead. They mostly wait on the disk, so more than the cores.
 const THREADS: usize = 4;
@@ -115,11 +115,10 @@ impl Prefetch {
     }
 }
 
-/// Asks the kernel to start reading the first `len` bytes of the regular file `path`. Opened
-/// as the walk opens it (without moving its access time, where permitted) and never through a
-/// symlink: a name swapped for one since the walk saw a file is not the walk's to read.
+/// Asks the kernel to start reading the first `len` bytes of the regular file `path`, opened
+/// as the walk opens it ([`crate::fsmeta::open_chosen`]).
 fn request_data(path: &Path, len: u64) {
-    let Ok(file) = crate::fsmeta::open_read(path, OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK) else { return };
+    let Ok(file) = crate::fsmeta::open_chosen(path) else { return };
     // A FIFO swapped in since the walk saw a file opens (without blocking, as asked) but has no
     // pages to read; the advice is then refused, which costs nothing.
     let len = i64::try_from(len.min(DATA_AHEAD)).unwrap_or(0);
