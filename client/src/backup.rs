@@ -2,8 +2,8 @@
 //!
 //! The walk visits the given paths depth-first in name order, side by side with the same
 //! directories of the base set (the latest completed one). For every entry it decides:
-//! - unchanged (same device, inode, size, mtime, ctime and kind for files; the same metadata
-//!   apart from atime for everything else): nothing is written, the base row stays valid;
+//! - unchanged (the same metadata apart from atime, which includes device, inode, size, mtime
+//!   and ctime, `fsmeta::same_meta`): nothing is written, the base row stays valid;
 //! - new or changed: a new version is written; a file is read, chunked and hashed, and only
 //!   chunks the repository lacks are encoded and sent;
 //! - gone (in the base set, not on disk, or now excluded): a deletion is written, for a
@@ -523,11 +523,6 @@ fn open_captured(path: &Path, meta: &FileMeta) -> Result<fs::File> {
     Ok(file)
 }
 
-/// Metadata equal apart from access time (which reading changes and nobody restores for).
-fn same_meta(a: &FileMeta, b: &FileMeta) -> bool {
-    FileMeta { atime: b.atime, ..a.clone() } == *b
-}
-
 impl Walker<'_, '_> {
     /// Walks every selected path and hands the last batch over.
     fn walk(&mut self, paths: &[PathBuf]) -> Result<()> {
@@ -603,7 +598,7 @@ impl Walker<'_, '_> {
     /// Writes a new version of a non-file entry unless the base holds the same metadata.
     fn record(&mut self, parent: &DirId, name: &[u8], meta: FileMeta, base: Option<&Node>) -> Result<()> {
         self.stats.entries += 1;
-        if base.is_some_and(|b| same_meta(&b.meta, &meta)) {
+        if base.is_some_and(|b| fsmeta::same_meta(&b.meta, &meta)) {
             return Ok(());
         }
         self.clear_stale_children(parent, name, &meta, base)?;
@@ -764,7 +759,7 @@ impl Walker<'_, '_> {
 
     /// Whether file `meta` is recorded by its base version as it is, without reading it.
     fn unchanged(&self, meta: &FileMeta, base: Option<&Node>) -> bool {
-        !self.opts.full && base.is_some_and(|b| fsmeta::same_stat(&b.meta, meta) && same_meta(&b.meta, meta))
+        !self.opts.full && base.is_some_and(|b| fsmeta::same_meta(&b.meta, meta))
     }
 
     fn file(
