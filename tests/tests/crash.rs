@@ -1,18 +1,20 @@
 //! Crash injection with real processes: a real `tardisd` (which compacts every second, during
 //! the backups) and the real `tardis`, `tardis-tools purge` and `tardis-tools compact`, each
-//! killed with SIGKILL at a seeded random moment, again and again on one repository. After every crash the daemon restarts, and at
-//! checkpoints `verify --read-data` must pass and every set that completed must restore
-//! bit-exact to the tree it was taken from (the ledger). Sets that a killed run may or may not
-//! have completed are judged by what the repository says: if it lists the set, the set must be
-//! whole.
+//! killed with SIGKILL at a seeded random moment, again and again on one repository. After
+//! every crash the daemon restarts, and at checkpoints `verify --read-data` must pass, every set
+//! whose backup reported success (exit 0, the acknowledgement) must still be listed unless a
+//! purge may have taken it, and every listed set must restore bit-exact to the tree it was taken
+//! from (the ledger). A set that a killed run may or may not have completed is judged by what
+//! the repository says: if it lists the set, the set must be whole. A purge that reported
+//! success must have taken its set for good.
 //!
 //! Each crash point prints its seed and what it killed; `TARDIS_CRASH_SEED` repeats a run and
 //! `TARDIS_CRASH_POINTS` changes how many points it has (CI: 50).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 use tardis_tests::relay::Rng;
 use tardis_tests::server::{client_args, Daemon};
@@ -33,20 +35,30 @@ fn mutate(src: &Path, rng: &mut Rng) {
     }
 }
 
-fn sigkill(child: &mut Child) {
+/// Kills `child` unless it has exited, and returns how it ended: a success means it finished
+/// and reported success before the signal could reach it.
+fn sigkill(child: &mut Child) -> ExitStatus {
     let _ = child.kill();
-    let _ = child.wait();
+    child.wait().unwrap()
 }
 
 /// Kills the daemon (then restarts it, and lets the client finish or give up within
-/// `--retry-for`) or the client.
-fn kill_one(d: &mut Daemon, child: &mut Child, kill_daemon: bool) {
+/// `--retry-for`) or the client, and returns how the client ended.
+fn kill_one(d: &mut Daemon, child: &mut Child, kill_daemon: bool) -> ExitStatus {
     if kill_daemon {
         d.crash_and_restart();
-        let _ = child.wait();
+        child.wait().unwrap()
     } else {
-        sigkill(child);
+        sigkill(child)
     }
+}
+
+/// What the clients were told: the sets whose backup reported success and that no purge was
+/// asked to take since, and the sets a purge reported taking.
+#[derive(Default)]
+struct Acks {
+    completed: BTreeSet<String>,
+    purged: BTreeSet<String>,
 }
 
 fn live_sets(d: &Daemon, kh: &Path) -> Vec<String> {
@@ -68,9 +80,9 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// With the daemon stopped: `verify --read-data` passes, and every listed set restores to
-/// its ledger entry.
-fn check(d: &mut Daemon, ledger: &BTreeMap<String, BTreeMap<Vec<u8>, Entry>>, src: &Path, work: &Path) {
+/// With the daemon stopped: `verify --read-data` passes, the acknowledged sets are listed and
+/// the acknowledged purges are not, and every listed set restores to its ledger entry.
+fn check(d: &mut Daemon, ledger: &BTreeMap<String, BTreeMap<Vec<u8>, Entry>>, acks: &Acks, src: &Path, work: &Path) {
     // Stopped first: a request of a killed client may still be running on the server.
     assert!(d.stop().success(), "the daemon stops cleanly:\n{}", d.log());
     let out = Command::new(bin("tardis-tools"))
@@ -87,6 +99,12 @@ fn check(d: &mut Daemon, ledger: &BTreeMap<String, BTreeMap<Vec<u8>, Entry>>, sr
         .filter(|v| v["state"] == "complete")
         .map(|v| v["name"].as_str().unwrap().to_owned())
         .collect();
+    for name in &acks.completed {
+        assert!(sets.contains(name), "set {name}, whose backup reported success, is lost; listed: {sets:?}");
+    }
+    for name in &acks.purged {
+        assert!(!sets.contains(name), "set {name}, whose purge reported success, is listed again");
+    }
     let v = Command::new(bin("tardis-tools"))
         .arg("--db")
         .arg(&d.db)
@@ -131,6 +149,7 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
         "AllowNewHosts = yes\nCompactInterval = 1\nCompactThreshold = 1\nSessionTimeout = 1",
     );
     let mut ledger: BTreeMap<String, BTreeMap<Vec<u8>, Entry>> = BTreeMap::new();
+    let mut acks = Acks::default();
     let client = |d: &Daemon, extra: &[&str]| {
         let mut c = Command::new(bin("tardis"));
         c.args(client_args("127.0.0.1", d.port, "h", "pw", &kh)).args(["--retry-for", "3"]).args(extra);
@@ -139,6 +158,7 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
     let r = client(&d, &["--create", "--name", "base"]).arg(&src).output().unwrap();
     assert!(r.status.success(), "{}", stderr(&r));
     ledger.insert("base".into(), manifest(&src));
+    acks.completed.insert("base".into());
 
     let mut kills = BTreeMap::<&str, u32>::new();
     for point in 0..points {
@@ -175,7 +195,9 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
                     .spawn()
                     .unwrap();
                 std::thread::sleep(delay);
-                kill_one(&mut d, &mut child, kill_daemon);
+                if kill_one(&mut d, &mut child, kill_daemon).success() {
+                    acks.completed.insert(name);
+                }
             }
             "purge" => {
                 let victim = &sets[prng.below(sets.len() as u64 - 1) as usize];
@@ -187,7 +209,11 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
                     .spawn()
                     .unwrap();
                 std::thread::sleep(delay / 4);
-                kill_one(&mut d, &mut child, kill_daemon);
+                // Killed, the purge may or may not have taken the set: neither kept nor gone.
+                acks.completed.remove(victim);
+                if kill_one(&mut d, &mut child, kill_daemon).success() {
+                    acks.purged.insert(victim.clone());
+                }
             }
             _ => {
                 assert!(d.stop().success(), "{}", d.log());
@@ -206,7 +232,7 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
         }
         *kills.entry(what).or_default() += 1;
         if point % 25 == 24 {
-            check(&mut d, &ledger, &src, work.path());
+            check(&mut d, &ledger, &acks, &src, work.path());
             // A purge that is not killed, so that the daemon's own compactions (every second)
             // have dead records to reclaim while the next backups run and are killed.
             let sets = live_sets(&d, &kh);
@@ -217,16 +243,24 @@ fn sigkill_at_random_moments_of_backup_purge_and_compaction_loses_no_completed_s
                     .output()
                     .unwrap();
                 assert!(out.status.success(), "{}", stderr(&out));
+                acks.completed.remove(&sets[0]);
+                acks.purged.insert(sets[0].clone());
             }
         }
     }
-    eprintln!("crash points by operation: {kills:?}; sets listed at the end: {}", live_sets(&d, &kh).len());
+    eprintln!(
+        "crash points by operation: {kills:?}; sets listed at the end: {}; acknowledged and held to it: {} backups, {} purges",
+        live_sets(&d, &kh).len(),
+        acks.completed.len(),
+        acks.purged.len()
+    );
     let started = Instant::now();
     // A last backup after all the crashes works and restores.
     let r = client(&d, &["--name", "final"]).arg(&src).output().unwrap();
     assert!(r.status.success(), "{}", stderr(&r));
     ledger.insert("final".into(), manifest(&src));
-    check(&mut d, &ledger, &src, work.path());
+    acks.completed.insert("final".into());
+    check(&mut d, &ledger, &acks, &src, work.path());
     eprintln!("final backup and check: {:?}", started.elapsed());
     let log = d.log();
     let (compacted, interrupted) =
