@@ -130,14 +130,7 @@ impl PasswordArgs {
             return Ok(Some(p.as_bytes().to_vec()));
         }
         if let Some(f) = &self.password_file {
-            let file = std::fs::File::open(f).map_err(Error::io_at("opening password file", f))?;
-            let mut line = String::new();
-            std::io::BufReader::new(file).read_line(&mut line).map_err(Error::io_at("reading password file", f))?;
-            let pw = line.trim_end_matches(['\n', '\r']);
-            if pw.is_empty() {
-                return Err(Error::Invalid(format!("password file {} is empty", f.display())));
-            }
-            return Ok(Some(pw.as_bytes().to_vec()));
+            return password_from_file(f).map(Some);
         }
         if self.password_prompt {
             let pw = rpassword::prompt_password("Password: ")
@@ -146,6 +139,34 @@ impl PasswordArgs {
         }
         Ok(None)
     }
+}
+
+/// The first line of password file `f`, which must not be empty.
+pub fn password_from_file(f: &Path) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(f).map_err(Error::io_at("opening password file", f))?;
+    let mut line = String::new();
+    std::io::BufReader::new(file).read_line(&mut line).map_err(Error::io_at("reading password file", f))?;
+    let pw = line.trim_end_matches(['\n', '\r']);
+    if pw.is_empty() {
+        return Err(Error::Invalid(format!("password file {} is empty", f.display())));
+    }
+    Ok(pw.as_bytes().to_vec())
+}
+
+/// Asks for a new password on the terminal twice, without echo; refuses an empty one and two
+/// that differ.
+pub fn prompt_new_password() -> Result<Vec<u8>> {
+    let ask = |prompt: &str| {
+        rpassword::prompt_password(prompt).map_err(|e| Error::io("reading password from", "the terminal", e))
+    };
+    let (first, again) = (ask("New password: ")?, ask("New password again: ")?);
+    if first != again {
+        return Err(Error::Invalid("the two new passwords differ; nothing was changed".into()));
+    }
+    if first.is_empty() {
+        return Err(Error::Invalid("the new password is empty; nothing was changed".into()));
+    }
+    Ok(first.into_bytes())
 }
 
 /// Logging flags.

@@ -96,9 +96,38 @@ pub fn wrapped_key(info: &HostInfo) -> Result<WrappedKey> {
 
 /// Unwraps the master key with secrets derived from the password.
 pub fn unwrap_keys(info: &HostInfo, wrapped: &WrappedKey, secrets: &Secrets) -> Result<Keys> {
-    match wrapped.open(secrets) {
-        Ok(master) => Ok(Keys::encrypted(info.host_id, &master)),
-        Err(tardis_core::Error::WrongPassword) => Err(Error::WrongPassword { host: info.name.clone() }),
-        Err(e) => Err(e.into()),
+    Ok(Keys::encrypted(info.host_id, &open_master(info, wrapped, secrets)?))
+}
+
+fn open_master(info: &HostInfo, wrapped: &WrappedKey, secrets: &Secrets) -> Result<MasterKey> {
+    wrapped.open(secrets).map_err(|e| match e {
+        tardis_core::Error::WrongPassword => Error::WrongPassword { host: info.name.clone() },
+        e => e.into(),
+    })
+}
+
+/// Changes the password of the encrypted host behind `repo` from `old` to `new`: the master key
+/// is wrapped again (fresh salt, the default Argon2id cost) and stored with a new login verifier
+/// in one event. The data stays encrypted under the master key, which does not change, so
+/// nothing else is rewritten. The old password stops opening the host once this returns.
+pub fn change_password(repo: &dyn Repository, host: &str, old: &[u8], new: &[u8]) -> Result<()> {
+    let info = repo.host()?.ok_or_else(|| Error::Invalid(format!("host {host} has no backups here; check --host")))?;
+    if !info.encrypted {
+        return Err(Error::Invalid(format!(
+            "host {host} has no password to change: it was created without one, so its backups are not encrypted"
+        )));
     }
+    let wrapped = wrapped_key(&info)?;
+    let master = open_master(&info, &wrapped, &wrapped.header().derive(old)?)?;
+    let header = KdfHeader::new(KdfParams::DEFAULT)?;
+    let secrets = header.derive(new)?;
+    let sealed = WrappedKey::seal(&master, &header, &secrets)?;
+    // The new blob replaces the only copy the index serves: read it back before it does.
+    let reopened = WrappedKey::from_bytes(sealed.as_bytes())?.open(&secrets)?;
+    if reopened.as_bytes() != master.as_bytes() {
+        return Err(Error::Invalid("the key wrapped under the new password did not open to the same key".into()));
+    }
+    let verifier = LoginKey::from_secrets(&secrets)?.verifier();
+    repo.set_wrapped_key(HostKey { wrapped: sealed.as_bytes().to_vec(), verifier })?;
+    Ok(())
 }

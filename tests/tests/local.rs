@@ -454,3 +454,61 @@ fn full_disk_fails_the_backup_and_keeps_earlier_sets() {
     regenerate(&db, "h", "pw", "fits", &src, &out);
     assert_same(&m, &manifest(&out), "set before the disk filled up");
 }
+
+#[test]
+fn keys_changes_the_password_without_rewriting_data() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, db) = (work.path().join("src"), work.path().join("db"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), noise(400_000, 7)).unwrap();
+    let (code, _, err) = backup(&db, "h", "old", &src, &["--name", "first"]);
+    assert_eq!(code, 0, "{err}");
+    let m1 = manifest(&src);
+    let dbs = db.to_str().unwrap();
+    let tools = |pw: &str, args: &[&str]| {
+        let mut all = vec!["--db", dbs, "--host", "h", "--password", pw];
+        all.extend(args);
+        run_s("tardis-tools", &all)
+    };
+    let segs_before = du(&db.join("h/segments"));
+
+    // A wrong current password, an empty new one and two options at once change nothing.
+    let out = tools("wrong", &["keys", "--new-password", "new"]);
+    assert!(one_line_error(&out).contains("wrong password for host h"));
+    let empty = work.path().join("empty");
+    fs::write(&empty, "\n").unwrap();
+    let out = tools("old", &["keys", "--new-password-file", empty.to_str().unwrap()]);
+    assert!(one_line_error(&out).contains("is empty"));
+    let out = tools("old", &["keys", "--new-password", "a", "--new-password-file", empty.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = tools("old", &["keys"]);
+    assert_eq!(out.status.code(), Some(2), "a new password is required");
+    assert!(tools("old", &["sets"]).status.success(), "the old password still opens the host");
+
+    let new_file = work.path().join("new-pw");
+    fs::write(&new_file, "new secret\n").unwrap();
+    let out = tools("old", &["keys", "--new-password-file", new_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("changed the password of host h"));
+    // One small event, not a rewrite of the data.
+    let grown = du(&db.join("h/segments")) - segs_before;
+    assert!(grown < 4096, "the segments grew by {grown} bytes");
+
+    let out = tools("old", &["sets"]);
+    assert!(one_line_error(&out).contains("wrong password for host h"));
+    let (code, _, err) = backup(&db, "h", "old", &src, &[]);
+    assert_ne!(code, 0, "the old password no longer backs up: {err}");
+    // The same master key: the next backup finds its data stored, and the old set restores.
+    let (code, s2, err) = backup(&db, "h", "new secret", &src, &["--name", "second"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(s2["files_read"].as_u64(), Some(0), "{s2}");
+    let out = work.path().join("out");
+    regenerate(&db, "h", "new secret", "first", &src, &out);
+    assert_same(&m1, &manifest(&out), "first set under the new password");
+
+    // A host made without a password has none to change.
+    let out = run_s("tardis", &["--local", "--db", dbs, "--host", "plain", src.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run_s("tardis-tools", &["--db", dbs, "--host", "plain", "keys", "--new-password", "x"]);
+    assert!(one_line_error(&out).contains("has no password to change"));
+}

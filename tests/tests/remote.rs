@@ -857,3 +857,41 @@ fn a_ca_signed_server_is_trusted_with_ca_and_two_hosts_back_up_at_once() {
     assert_eq!(r.status.code(), Some(1));
     assert!(stderr(&r).contains("certificate"), "{}", stderr(&r));
 }
+
+#[test]
+fn a_password_changed_over_the_network_holds_across_a_restart() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), noise(300_000, 3)).unwrap();
+    let mut d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes");
+    let r = backup(&d, "h", "old", &kh, &["--create", "--name", "first"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = backup(&d, "other", "theirs", &kh, &["--create"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let m1 = manifest(&src);
+    let keys = |host: &str, pw: &str, new: &str| {
+        tool("tardis-tools", &d, host, pw, kh.as_path(), &["keys".as_ref(), "--new-password".as_ref(), new.as_ref()])
+    };
+
+    // Another host's password does not log in as h, so it cannot change h's.
+    let r = keys("h", "theirs", "mine");
+    assert!(!r.status.success() && stderr(&r).contains("wrong password"), "{}", stderr(&r));
+    let r = keys("h", "old", "new");
+    assert!(r.status.success(), "{}", stderr(&r));
+
+    d.stop();
+    d.restart();
+    let r = backup(&d, "h", "old", &kh, &[], &src);
+    assert!(!r.status.success() && stderr(&r).contains("wrong password for host h"), "{}", stderr(&r));
+    let r = backup(&d, "h", "new", &kh, &["--name", "second"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let s: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(s["files_read"].as_u64(), Some(0), "the same key: nothing to read again: {s}");
+    let out = work.path().join("out");
+    regenerate(&d, "h", "new", &kh, "first", &src, &out);
+    assert_same(&m1, &manifest(&out), "first set under the new password");
+    // The other host is untouched.
+    let r = tool("tardis-tools", &d, "other", "theirs", &kh, &["sets".as_ref()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+}

@@ -106,6 +106,17 @@ enum Command {
         #[arg(long, value_name = "KEY", conflicts_with_all = ["key", "value"])]
         unset: Option<String>,
     },
+    /// Change the host's password, without rewriting any data
+    ///
+    /// The host's master key, which encrypts its data, is wrapped again under the new password
+    /// (Argon2id, fresh salt) and stored with a new login verifier in one event; the old
+    /// password stops working at once, for every client and for tardisd. Give the current
+    /// password as usual (--password, --password-file or --password-prompt) and the new one
+    /// with one of the options below. Works with --db and with --server.
+    Keys {
+        #[command(flatten)]
+        new: NewPassword,
+    },
     /// Reclaim the space of purged sets: copy the live records out of mostly-dead segments and
     /// delete those segments
     ///
@@ -177,6 +188,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The new password of `keys`.
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct NewPassword {
+    /// The new password (visible to other users in `ps`; prefer the others)
+    #[arg(long, value_name = "PW")]
+    new_password: Option<String>,
+    /// Read the new password from the first line of FILE
+    #[arg(long, value_name = "FILE")]
+    new_password_file: Option<PathBuf>,
+    /// Ask for the new password on the terminal, twice, without echo
+    #[arg(long)]
+    new_password_prompt: bool,
+}
+
+impl NewPassword {
+    fn read(&self) -> Result<Vec<u8>> {
+        if let Some(p) = &self.new_password {
+            if p.is_empty() {
+                bail!("--new-password is empty; give a password");
+            }
+            return Ok(p.as_bytes().to_vec());
+        }
+        if let Some(f) = &self.new_password_file {
+            return Ok(cli::password_from_file(f)?);
+        }
+        Ok(cli::prompt_new_password()?)
+    }
+}
+
+/// `keys`: wraps the master key under the new password.
+fn change_password(repo: &dyn Repository, host: &str, old: Option<&[u8]>, new: &NewPassword) -> Result<()> {
+    let Some(old) = old else {
+        bail!("host {host} has no password to change: it was created without one, so its backups are not encrypted");
+    };
+    let new = new.read()?;
+    tardis_client::session::change_password(repo, host, old, &new)?;
+    println!("changed the password of host {host}; the old one no longer opens it");
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -357,6 +409,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let Opened::Local(repo) = &opened else { unreachable!("refused above for --server") };
             compact(repo, threshold)
         }
+        Command::Keys { new } => change_password(repo, &cli.repo.host_name()?, password.as_deref(), &new),
         Command::Lock { set } => lock(repo, &set, true),
         Command::Unlock { set } => lock(repo, &set, false),
         Command::Purge { priority, before, set, dry_run } => {
