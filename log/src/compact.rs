@@ -73,6 +73,9 @@ pub struct CompactReport {
     /// A backup opened a set while the records were copied, so nothing was retired: run again
     /// once it has finished.
     pub interrupted: bool,
+    /// Segments left as they are because copying their live records would have eaten into the
+    /// space kept free for writes, and the free bytes the cheapest of them needed.
+    pub short_of_space: Option<(u64, u64)>,
 }
 
 /// Which records are live, by position: the entry rows and chunks that some set can still see.
@@ -294,6 +297,7 @@ impl crate::Repo {
             pinned_by_open_set: live.open_set,
             ..CompactReport::default()
         };
+        let kept_of = |info: &SegInfo| info.records.iter().filter(|r| is_live(r, &latest)).map(|r| r.len).sum::<u64>();
         let mut victims: Vec<u64> = segs
             .iter()
             .filter(|(_, info)| {
@@ -301,12 +305,40 @@ impl crate::Repo {
                 let holds_open_rows = live.open_set.is_some()
                     && info.records.iter().any(|r| r.class == Class::Indexed(live.open_set) && is_live(r, &latest));
                 let total: u64 = info.records.iter().map(|r| r.len).sum();
-                let kept: u64 = info.records.iter().filter(|r| is_live(r, &latest)).map(|r| r.len).sum();
                 // An empty segment (a header and nothing else) is all overhead.
-                !holds_open_rows && (total == 0 || (kept as f64) < opts.threshold * total as f64)
+                !holds_open_rows && (total == 0 || (kept_of(info) as f64) < opts.threshold * total as f64)
             })
             .map(|(seg, _)| *seg)
             .collect();
+        // The copies are written before the segments they replace are deleted, so they need
+        // free space first. Segments whose copies do not fit above the reserve kept for writes
+        // stay for a later run: starting them would fail half-way and leave the disk fuller
+        // than before, with duplicates only a later compaction reclaims. A segment with nothing
+        // live costs nothing and always goes.
+        if let Some(space) = storage.space().map_err(|e| Error::io("checking free space of", storage.describe(0), e))? {
+            let mut room = space.free.saturating_sub(space.reserve());
+            let mut by_cost: Vec<(u64, u64)> = victims.iter().map(|s| (kept_of(&segs[s]), *s)).collect();
+            by_cost.sort_unstable();
+            victims.clear();
+            for (cost, seg) in by_cost {
+                if cost <= room {
+                    room -= cost;
+                    victims.push(seg);
+                } else {
+                    // The first one skipped is the cheapest: its shortfall is reported.
+                    report.short_of_space.get_or_insert((0, cost - room)).0 += 1;
+                }
+            }
+            victims.sort_unstable();
+        }
+        if let Some((n, need)) = report.short_of_space {
+            tracing::warn!(
+                host = self.host_name(),
+                segments = n,
+                need,
+                "segments left uncompacted: their live records need more free space"
+            );
+        }
         if victims.is_empty() {
             return Ok(unchanged(report));
         }

@@ -1342,3 +1342,78 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
     let k = Keys::unencrypted(HostId([seed as u8; 16]));
     (0u64..).flat_map(|i| k.chunk_id(&i.to_le_bytes()).0).take(len).collect()
 }
+
+/// Bytes that do not compress (xorshift).
+fn incompressible(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).unwrap();
+    st.blocks_available() as u64 * st.fragment_size() as u64
+}
+
+#[test]
+fn compaction_leaves_segments_whose_copies_do_not_fit_and_takes_them_once_they_do() {
+    // A small file system of its own, so that free space is real (the tests run as root).
+    let dir = tempfile::tempdir().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tardis-compact-space"])
+        .arg(dir.path())
+        .status();
+    assert!(st.is_ok_and(|s| s.success()), "mounting a tmpfs");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path());
+    let keys = keys();
+    let opts = RepoOptions { log: LogOptions { segment_size: 4 << 20 }, ..RepoOptions::default() };
+    let repo = Repo::open(dir.path(), HOST, opts).unwrap();
+    repo.create_host(keys.host(), None).unwrap();
+    // Set one holds a and b, set two keeps a and deletes b: once set one is purged, its
+    // segment is half live (a's 1.5 MiB).
+    let a = incompressible(1536 << 10, 1);
+    let one = repo.open_set("one", 1).unwrap();
+    let both: Files = [("a".to_owned(), a.clone()), ("b".to_owned(), incompressible(1536 << 10, 2))].into();
+    write_files(&repo, &keys, one, &both, &[]);
+    repo.complete_set(one, SetStats::default(), None).unwrap();
+    let two = repo.open_set("two", 1).unwrap();
+    write_files(&repo, &keys, two, &Files::new(), &["b".to_owned()]);
+    repo.complete_set(two, SetStats::default(), None).unwrap();
+    let only_a: Files = [("a".to_owned(), a)].into();
+    assert_eq!(read_set(&repo, &keys, two), only_a);
+    repo.purge_sets(&[one]).unwrap();
+
+    // 2 MiB free: the copy (1.5 MiB) would eat into the 1 MiB kept free for writes.
+    let filler = dir.path().join("filler");
+    std::fs::write(&filler, vec![1u8; (free_bytes(dir.path()) - (2 << 20)) as usize]).unwrap();
+    let before = segment_bytes(dir.path());
+    let free_before = free_bytes(dir.path());
+    let r = repo.compact(&CompactOptions { threshold: 0.9, ..CompactOptions::default() }).unwrap();
+    assert!(r.retired.is_empty() && r.copied_records == 0, "{r:?}");
+    let (skipped, need) = r.short_of_space.expect("reported short of space");
+    assert_eq!(skipped, 1, "{r:?}");
+    assert!(need > 0 && need < 1 << 20, "{r:?}");
+    assert_eq!(segment_bytes(dir.path()), before, "nothing was copied");
+    assert!(free_bytes(dir.path()) + (64 << 10) >= free_before, "the attempt used no space");
+    assert_eq!(read_set(&repo, &keys, two), only_a);
+
+    // With room again, the same compaction copies a and retires the segment.
+    std::fs::remove_file(&filler).unwrap();
+    let r = repo.compact(&CompactOptions { threshold: 0.9, ..CompactOptions::default() }).unwrap();
+    assert_eq!(r.short_of_space, None, "{r:?}");
+    assert!(!r.retired.is_empty(), "{r:?}");
+    assert!(segment_bytes(dir.path()) < before - (1 << 20), "{r:?}");
+    assert_eq!(read_set(&repo, &keys, two), only_a);
+}

@@ -31,7 +31,15 @@ const KEYS: &[&str] = &[
     "CompactThreshold",
     "MinFreeSpace",
     "SpaceCheckInterval",
+    "HostIdleTimeout",
 ];
+
+const POSITIVE: &str = "expected a positive number of seconds";
+
+/// A positive number of seconds.
+fn positive_secs(v: &str) -> Option<Duration> {
+    v.parse().ok().filter(|s| *s > 0).map(Duration::from_secs)
+}
 
 /// The daemon's settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +91,7 @@ impl Config {
                 compact_threshold: 0.5,
                 min_free: MinFree::Off,
                 space_check_every: Duration::from_secs(60),
+                idle_close: Duration::from_secs(60),
             },
             bucket: None,
         }
@@ -178,14 +187,8 @@ impl Config {
                     c.jobs.min_free =
                         MinFree::parse(&v).ok_or_else(|| bad("expected bytes (e.g. 10G, 500M) or a percentage (5%)"))?
                 }
-                "SpaceCheckInterval" => {
-                    let s: u64 = v
-                        .parse()
-                        .ok()
-                        .filter(|s| *s > 0)
-                        .ok_or_else(|| bad("expected a positive number of seconds"))?;
-                    c.jobs.space_check_every = Duration::from_secs(s);
-                }
+                "SpaceCheckInterval" => c.jobs.space_check_every = positive_secs(&v).ok_or_else(|| bad(POSITIVE))?,
+                "HostIdleTimeout" => c.jobs.idle_close = positive_secs(&v).ok_or_else(|| bad(POSITIVE))?,
                 s3 => {
                     let b = c.bucket.get_or_insert_with(BucketConfig::default);
                     b.set(s3, &v).map_err(|why| bad(&why))?;
@@ -222,9 +225,10 @@ mod tests {
     fn seed_style_file() {
         let c = parse(
             "[Tardis]\n# comment\nBaseDir = /data/backup\nport=7431\nAllowNewHosts = Yes\n; x\nSessionTimeout = 30\n\
-             MinFreeSpace = 5%\nCompactInterval = 0\n",
+             MinFreeSpace = 5%\nCompactInterval = 0\nHostIdleTimeout = 5\n",
         )
         .unwrap();
+        assert_eq!(c.jobs.idle_close, Duration::from_secs(5));
         assert_eq!(c.jobs.min_free, MinFree::Percent(5.0));
         assert_eq!(c.jobs.compact_every, None);
         assert_eq!(c.base_dir, PathBuf::from("/data/backup"));
@@ -245,6 +249,8 @@ mod tests {
         assert!(e.contains("yes or no"), "{e}");
         assert!(parse("just words\n").is_err());
         assert!(parse("Port = 0\n").is_err());
+        let e = parse("HostIdleTimeout = 0\n").unwrap_err().to_string();
+        assert!(e.contains("positive number of seconds"), "{e}");
         let c = parse("S3Bucket = backups\nS3Endpoint = http://127.0.0.1:9000\n").unwrap();
         assert_eq!(c.bucket.unwrap().endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         let e = parse("S3Prefix = x\n").unwrap_err().to_string();

@@ -22,6 +22,8 @@ pub struct JobConfig {
     pub min_free: MinFree,
     /// How often free space is checked.
     pub space_check_every: Duration,
+    /// Close a host's repository after this long unused (`HostIdleTimeout`).
+    pub idle_close: Duration,
 }
 
 /// The free-space floor.
@@ -66,11 +68,15 @@ fn space(path: &Path) -> std::io::Result<(u64, u64)> {
 /// How often segments left staged by an outage of the object store are retried.
 const UPLOAD_RETRY: Duration = Duration::from_secs(30);
 
+/// How often idle repositories are looked for (more often if `HostIdleTimeout` is shorter).
+const IDLE_CHECK: Duration = Duration::from_secs(10);
+
 /// Runs the jobs until `stop` is set. Errors are logged, never fatal: the next round retries.
 pub fn run(service: Arc<Service>, config: JobConfig, stop: Arc<AtomicBool>) {
     let mut next_compact = config.compact_every.map(|d| Instant::now() + d);
     let mut next_space = Instant::now();
     let mut next_upload = Instant::now() + UPLOAD_RETRY;
+    let mut next_idle_check = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         if now >= next_upload {
@@ -80,6 +86,10 @@ pub fn run(service: Arc<Service>, config: JobConfig, stop: Arc<AtomicBool>) {
                 }
             }
             next_upload = now + UPLOAD_RETRY;
+        }
+        if now >= next_idle_check {
+            service.close_idle(config.idle_close);
+            next_idle_check = now + IDLE_CHECK.min(config.idle_close);
         }
         if config.min_free != MinFree::Off && now >= next_space {
             manage_space(&service, &config);

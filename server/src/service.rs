@@ -68,9 +68,15 @@ pub struct Host {
     name: String,
     repo: Repo,
     lease: Mutex<Option<Lease>>,
+    /// When a login, a job or a closing connection last used it: see [`Service::close_idle`].
+    touched: Mutex<Instant>,
 }
 
 impl Host {
+    fn touch(&self) {
+        *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
     pub fn repo(&self) -> &Repo {
         &self.repo
     }
@@ -124,13 +130,19 @@ impl Service {
         tardis_log::repo::check_host_name(name)?;
         let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = hosts.get(name) {
+            h.touch();
             return Ok(Some(h.clone()));
         }
         if !create && !Repo::exists(&self.base, name)? {
             return Ok(None);
         }
         let repo = Repo::open(&self.base, name, RepoOptions::default())?;
-        let h = Arc::new(Host { name: name.to_owned(), repo, lease: Mutex::new(None) });
+        let h = Arc::new(Host {
+            name: name.to_owned(),
+            repo,
+            lease: Mutex::new(None),
+            touched: Mutex::new(Instant::now()),
+        });
         hosts.insert(name.to_owned(), h.clone());
         tracing::info!(host = name, "opened repository");
         Ok(Some(h))
@@ -164,6 +176,58 @@ impl Service {
     /// The repositories open now.
     pub fn open_hosts(&self) -> Vec<Arc<Host>> {
         self.hosts.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Closes the repositories that nothing has used for `idle`: no connection is logged in to
+    /// the host, no job holds it, no run's claim on it is still in force, and nothing touched it
+    /// for that long. A closed repository releases its lock, so that `tardis-tools --db` (verify,
+    /// compact, rebuild-index) can open it on the server, and its index's memory; the next login
+    /// opens it again. Returns how many were closed.
+    pub fn close_idle(&self, idle: Duration) -> usize {
+        // Only the map holds it (no session or job can take it while the map is locked), and
+        // nothing used it for `idle`.
+        let unused = |h: &Arc<Host>| {
+            Arc::strong_count(h) == 1
+                && self.unclaimed(h)
+                && h.touched.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= idle
+        };
+        let candidates: Vec<String> = {
+            let hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+            hosts.iter().filter(|(_, h)| unused(h)).map(|(n, _)| n.clone()).collect()
+        };
+        // Segments left staged by an outage of the object store go first, without the map
+        // locked (an upload may take a while); a host whose upload fails stays open to retry.
+        let uploaded: Vec<String> = candidates
+            .into_iter()
+            .filter(|name| {
+                let Some(h) = self.hosts.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned() else {
+                    return false;
+                };
+                h.repo.upload_sealed().map_err(|e| tracing::warn!(host = h.name, "segments stay staged: {e}")).is_ok()
+            })
+            .collect();
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0;
+        for name in uploaded {
+            if hosts.get(&name).is_some_and(unused) {
+                // Dropped with the map locked, so that a login cannot try to open the repository
+                // while this process still holds its lock file.
+                drop(hosts.remove(&name));
+                tracing::info!(host = name, "closed idle repository");
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// No run holds the host's claim, or the one that did has let it expire.
+    fn unclaimed(&self, h: &Host) -> bool {
+        h.lease.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|l| self.expired(l))
+    }
+
+    /// A claim whose run has had no connection for `SessionTimeout`.
+    fn expired(&self, l: &Lease) -> bool {
+        l.live == 0 && l.left.is_some_and(|t| t.elapsed() >= self.session_timeout)
     }
 
     /// Drops every open repository (on shutdown, once no request uses them).
@@ -253,6 +317,7 @@ impl Service {
 
     /// A connection of `session` closed.
     pub fn detach(&self, session: &Session) {
+        session.host.touch();
         let mut lease = session.host.lease.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = lease.as_mut().filter(|l| l.session == session.token) {
             l.live = l.live.saturating_sub(1);
@@ -270,7 +335,7 @@ impl Service {
             if l.session == s.token {
                 return Ok(());
             }
-            let expired = l.live == 0 && l.left.is_some_and(|t| t.elapsed() >= self.session_timeout);
+            let expired = self.expired(l);
             if !expired {
                 let since = humantime(l.since);
                 let state = match l.left {

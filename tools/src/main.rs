@@ -298,6 +298,12 @@ fn compact(repo: &Repo, threshold: f64) -> Result<()> {
     if let Some(set) = r.pinned_by_open_set {
         println!("set {set} is open (a backup is running or was interrupted): every chunk was kept");
     }
+    if let Some((n, need)) = r.short_of_space {
+        println!(
+            "{n} segments were left as they are: copying their live records needs {need} more bytes free (the \
+             repository keeps 2% of the disk, 1 MiB to 64 MiB, free for writes); free space and run compact again"
+        );
+    }
     if r.interrupted {
         println!(
             "a backup started while the records were copied, so nothing was retired; run compact again when it ends"
@@ -349,7 +355,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     {
         bail!(
             "verify, compact and rebuild-index read the segments directly: run them on {server} with --db pointing \
-             at its BaseDir (and tardisd stopped for rebuild-index and compact)"
+             at its BaseDir (tardisd lets go of a host HostIdleTimeout after its last client)"
         );
     }
     if let Command::Migrate { config } = &cli.command {
