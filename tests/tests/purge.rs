@@ -147,6 +147,9 @@ fn purge_by_hand_respects_locks_and_the_latest_set() {
     let err = fails(tools(&["lock", "zz"]));
     assert!(err.contains("no completed set named zz"), "{err}");
 
+    // A day alone means its start: the sets of that day stay.
+    assert_eq!(ok(tools(&["purge", "--before", "2026-03-01", "--dry-run"])), "nothing to purge\n");
+
     // Everything before 03:00 except the locked set; a dry run first changes nothing.
     let plan = ok(tools(&["purge", "--before", "2026-03-01 03:00", "--dry-run"]));
     assert_eq!(plan.lines().map(|l| l.split(' ').nth(3).unwrap()).collect::<Vec<_>>(), ["a", "c"], "{plan}");

@@ -150,7 +150,8 @@ enum Command {
         /// Only purge sets of this priority or lower
         #[arg(long, value_name = "P")]
         priority: Option<u32>,
-        /// Purge every set that finished before WHEN ("2026-11-26 10:00", "30 days ago", ...)
+        /// Purge every set that finished before WHEN ("2026-11-26 10:00", "30 days ago", ...);
+        /// a day alone means its start: `--before 2026-11-26` keeps the sets of that day
         #[arg(long, value_name = "WHEN", conflicts_with = "set")]
         before: Option<String>,
         /// Purge the set of this name
@@ -420,7 +421,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Unlock { set } => lock(repo, &set, false),
         Command::Purge { priority, before, set, dry_run } => {
             let selection = match (before, set) {
-                (Some(w), _) => Selection::Before(select::parse_when(&w)?),
+                (Some(w), _) => Selection::Before(select::parse_before(&w)?),
                 (None, Some(name)) => Selection::Set(name),
                 (None, None) => Selection::Schedule { now: cli::now()? },
             };

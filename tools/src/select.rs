@@ -6,18 +6,28 @@ use chrono::{Local, NaiveDate, NaiveDateTime, TimeZone};
 use tardis_core::api::{Repository, SetInfo};
 
 /// Parses "2026-11-26 10:00[:00]", "2026-11-26", "now", "today", "yesterday" or "N days ago",
-/// in local time, into Unix nanoseconds. "Now" is `TARDIS_NOW` when that is set.
+/// in local time, into Unix nanoseconds. "Now" is `TARDIS_NOW` when that is set. A day alone
+/// means its last second, so that `--time 2026-11-26` reads the state at the end of that day.
 pub fn parse_when(s: &str) -> Result<i64> {
+    parse_at(s, |d| d.and_hms_opt(23, 59, 59).expect("valid time"))
+}
+
+/// As [`parse_when`], but a day alone means its first second: for `purge --before`, which
+/// should keep the sets of the day it names, and destroy nothing a reader may have meant to keep.
+pub fn parse_before(s: &str) -> Result<i64> {
+    parse_at(s, |d| d.and_hms_opt(0, 0, 0).expect("valid time"))
+}
+
+fn parse_at(s: &str, day: fn(NaiveDate) -> NaiveDateTime) -> Result<i64> {
     let s = s.trim();
     let now = match tardis_client::cli::now_override()? {
         Some(t) => Local.timestamp_nanos(t),
         None => Local::now(),
     };
-    let midnight = |d: NaiveDate| d.and_hms_opt(23, 59, 59).expect("valid time");
     let naive: NaiveDateTime = match s {
         "now" => now.naive_local(),
-        "today" => midnight(now.date_naive()),
-        "yesterday" => midnight(now.date_naive().pred_opt().ok_or_else(|| anyhow!("date out of range"))?),
+        "today" => day(now.date_naive()),
+        "yesterday" => day(now.date_naive().pred_opt().ok_or_else(|| anyhow!("date out of range"))?),
         _ => {
             if let Some(n) = s.strip_suffix(" days ago").and_then(|n| n.trim().parse::<i64>().ok()) {
                 // Checked: `Duration::days` and the subtraction panic out of chrono's range.
@@ -30,7 +40,7 @@ pub fn parse_when(s: &str) -> Result<i64> {
             } else if let Ok(t) = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M") {
                 t
             } else if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-                midnight(d)
+                day(d)
             } else {
                 bail!("cannot read the time {s:?}: use \"YYYY-MM-DD HH:MM\", \"YYYY-MM-DD\", \"yesterday\" or \"N days ago\"")
             }
@@ -81,6 +91,16 @@ mod tests {
         assert!(parse_when("yesterday").unwrap() < parse_when("now").unwrap());
         assert!(parse_when("3 days ago").unwrap() < parse_when("yesterday").unwrap());
         assert!(parse_when("last tuesday").is_err());
+    }
+
+    #[test]
+    fn a_day_alone_ends_a_reading_and_starts_a_purge() {
+        let (start, end) = (parse_before("2026-06-01").unwrap(), parse_when("2026-06-01").unwrap());
+        assert_eq!(start, parse_when("2026-06-01 00:00").unwrap());
+        assert_eq!(end, parse_when("2026-06-01 23:59:59").unwrap());
+        assert_eq!(parse_before("2026-06-01 10:00").unwrap(), parse_when("2026-06-01 10:00").unwrap());
+        assert!(parse_before("yesterday").unwrap() < parse_before("today").unwrap());
+        assert!(parse_before("today").unwrap() <= parse_when("now").unwrap());
     }
 
     /// Found by `fuzz/when_and_host_config` with `-7777777777731 days ago`: chrono's
