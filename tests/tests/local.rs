@@ -512,3 +512,97 @@ fn keys_changes_the_password_without_rewriting_data() {
     let out = run_s("tardis-tools", &["--db", dbs, "--host", "plain", "keys", "--new-password", "x"]);
     assert!(one_line_error(&out).contains("has no password to change"));
 }
+
+/// Reads `len` bytes of `path` at `offset`.
+fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    fs::File::open(path).unwrap().read_exact_at(&mut buf, offset).unwrap();
+    buf
+}
+
+#[test]
+fn files_that_break_backup_tools_round_trip() {
+    use std::os::unix::fs::FileExt;
+    let work = tempfile::tempdir().unwrap();
+    let (src, huge_dir, db) = (work.path().join("src"), work.path().join("huge"), work.path().join("db"));
+    fs::create_dir_all(&src).unwrap();
+    fs::create_dir_all(&huge_dir).unwrap();
+    const MIB: usize = 1 << 20;
+    // All zeros, written (not holes): chunks at the 4 MiB maximum, all the same.
+    fs::write(src.join("zeros"), vec![0u8; 9 * MIB]).unwrap();
+    // Zero runs that start and end on the chunker's size limits, between incompressible data.
+    let mut runs = noise(4 * MIB, 1);
+    runs.extend(vec![0u8; 4 * MIB]);
+    runs.extend(noise(256 << 10, 2));
+    runs.extend(vec![0u8; 256 << 10]);
+    runs.extend(noise(MIB + 1, 3));
+    fs::write(src.join("zero-runs"), &runs).unwrap();
+    // Sizes on and next to the chunk limits.
+    for (name, len) in [("max", 4 * MIB), ("max+1", 4 * MIB + 1), ("min-1", (256 << 10) - 1), ("one", 1)] {
+        fs::write(src.join(name), noise(len, len as u64)).unwrap();
+    }
+    // A name of 255 bytes, and a path of about 3.9 KiB below the source.
+    let long_name = "n".repeat(255);
+    fs::write(src.join(&long_name), "longest name").unwrap();
+    let mut deep = src.clone();
+    while deep.as_os_str().len() < 3_700 {
+        deep = deep.join("d".repeat(200));
+    }
+    fs::create_dir_all(&deep).unwrap();
+    fs::write(deep.join("at-the-bottom"), "deep").unwrap();
+    // 5 GiB, nearly all hole, with data at the start, across the 4 GiB mark and at the end.
+    let huge = huge_dir.join("huge.img");
+    let f = fs::File::create(&huge).unwrap();
+    f.set_len(5 << 30).unwrap();
+    let pieces: [(u64, Vec<u8>); 3] =
+        [(0, noise(100_000, 4)), ((4 << 30) - 50_000, noise(100_000, 5)), ((5 << 30) - 10, b"last bytes".to_vec())];
+    for (at, data) in &pieces {
+        f.write_all_at(data, *at).unwrap();
+    }
+    drop(f);
+    let want = manifest(&src);
+
+    let out = run(
+        "tardis",
+        &[
+            "--local".as_ref(),
+            "--db".as_ref(),
+            db.as_os_str(),
+            "--host".as_ref(),
+            "h".as_ref(),
+            "--password".as_ref(),
+            "pw".as_ref(),
+            "--name".as_ref(),
+            "edges".as_ref(),
+            "--json".as_ref(),
+            src.as_os_str(),
+            huge_dir.as_os_str(),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(stats["bytes_read"].as_u64().unwrap() < 1 << 30, "the holes were not read: {stats}");
+
+    let restored = work.path().join("out");
+    regenerate(&db, "h", "pw", "edges", &src, &restored);
+    assert_same(&want, &manifest(&restored), "edge-case files");
+    let restored_huge = work.path().join("out-huge.img");
+    regenerate(&db, "h", "pw", "edges", &huge, &restored_huge);
+    let md = fs::metadata(&restored_huge).unwrap();
+    assert_eq!(md.len(), 5 << 30);
+    assert!(md.blocks() * 512 < 64 << 20, "restored with its holes: {} blocks", md.blocks());
+    for (at, data) in &pieces {
+        assert_eq!(&read_at(&restored_huge, *at, data.len()), data, "the data at {at}");
+    }
+    // Between the pieces, zeros: a sample either side of the 4 GiB mark.
+    assert_eq!(read_at(&restored_huge, (4 << 30) - 200_000, 100_000), vec![0u8; 100_000]);
+    assert_eq!(read_at(&restored_huge, (4 << 30) + 100_000, 100_000), vec![0u8; 100_000]);
+
+    // Verify reads every chunk back.
+    let v = run_s(
+        "tardis-tools",
+        &["--db", db.to_str().unwrap(), "--host", "h", "--password", "pw", "verify", "--read-data"],
+    );
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
