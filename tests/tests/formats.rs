@@ -11,7 +11,8 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use tardis_tests::{assert_same, manifest, noise, ok, on_host, set_mtime};
+use std::process::{Command, Output};
+use tardis_tests::{assert_same, bin, manifest, noise, ok, set_mtime, MARCH_1};
 
 /// Where the fixtures' trees were backed up from. The sets record this path; it need not exist.
 const SOURCE: &str = "/tmp/tardis-format-fixture/src";
@@ -59,6 +60,24 @@ fn stamp(root: &Path) {
     }
 }
 
+/// Runs a program on host `h` (password `pw`) of `db`, at [`MARCH_1`], remembering the sets it
+/// has seen in `state`: every fixture has the same host ID in every run, so the machine's own
+/// state directory would take the set a run adds for a rollback in the next.
+fn on_host(db: &Path, state: &Path, program: &str, args: &[&str]) -> Output {
+    Command::new(bin(program))
+        .arg("--db")
+        .arg(db)
+        .args(["--host", "h", "--password", "pw"])
+        .args(args)
+        .env_remove("TARDIS_DB")
+        .env_remove("TARDIS_HOST")
+        .env("TARDIS_STATE_DIR", state)
+        .env("TARDIS_NOW", MARCH_1.to_string())
+        .env("TZ", "UTC")
+        .output()
+        .expect("program starts")
+}
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
@@ -89,21 +108,26 @@ fn repositories_of_every_earlier_format_revision_verify_restore_and_take_new_bac
     for fixture in &revisions {
         let name = fixture.file_name().unwrap().to_string_lossy().into_owned();
         eprintln!("fixture {name}");
-        let db = work.path().join(&name);
+        let (db, state) = (work.path().join(&name), work.path().join(format!("{name}-state")));
         copy_tree(fixture, &db);
-        let v = on_host(&db, "tardis-tools", &["verify", "--read-data"]);
+        let v = on_host(&db, &state, "tardis-tools", &["verify", "--read-data"]);
         assert!(v.status.success(), "{name}: verify: {}{}", ok_text(&v.stdout), ok_text(&v.stderr));
         for (set, expected) in [("first", &first), ("second", &second)] {
             let out = work.path().join(format!("{name}-{set}"));
-            ok(on_host(&db, "regenerate", &["--set", set, "-o", out.to_str().unwrap(), SOURCE]));
+            ok(on_host(&db, &state, "regenerate", &["--set", set, "-o", out.to_str().unwrap(), SOURCE]));
             assert_same(expected, &manifest(&out), &format!("{name}: set {set}"));
         }
         // This build appends to it, as an incremental backup on top of the old sets.
-        ok(on_host(&db, "tardis", &["--local", "--name", "third", tree.to_str().unwrap()]));
+        ok(on_host(&db, &state, "tardis", &["--local", "--name", "third", tree.to_str().unwrap()]));
         let out = work.path().join(format!("{name}-third"));
-        ok(on_host(&db, "regenerate", &["--set", "third", "-o", out.to_str().unwrap(), tree.to_str().unwrap()]));
+        ok(on_host(
+            &db,
+            &state,
+            "regenerate",
+            &["--set", "third", "-o", out.to_str().unwrap(), tree.to_str().unwrap()],
+        ));
         assert_same(&second, &manifest(&out), &format!("{name}: a new set on top"));
-        let v = on_host(&db, "tardis-tools", &["verify", "--read-data"]);
+        let v = on_host(&db, &state, "tardis-tools", &["verify", "--read-data"]);
         assert!(v.status.success(), "{name}: verify after a new set: {}", ok_text(&v.stdout));
     }
 }
@@ -124,10 +148,10 @@ fn make_fixture() {
         fs::remove_dir_all(src).unwrap();
     }
     first_tree(src);
-    let db = tempfile::tempdir().unwrap();
-    ok(on_host(db.path(), "tardis", &["--local", "--name", "first", SOURCE]));
+    let (db, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    ok(on_host(db.path(), state.path(), "tardis", &["--local", "--name", "first", SOURCE]));
     second_tree(src);
-    ok(on_host(db.path(), "tardis", &["--local", "--name", "second", SOURCE]));
+    ok(on_host(db.path(), state.path(), "tardis", &["--local", "--name", "second", SOURCE]));
     fs::remove_dir_all(src.parent().unwrap()).unwrap();
     // The repository without what is not part of it: the lock and RocksDB's text logs.
     copy_tree(db.path(), &dest);
