@@ -83,24 +83,9 @@ impl RepoArgs {
     }
 }
 
-/// The environment variable that fixes the time the programs see (tests of retention).
-pub const NOW_VAR: &str = "TARDIS_NOW";
-
-/// The time given by `TARDIS_NOW`, in Unix nanoseconds: Unix seconds (`1767225600`) or RFC 3339
-/// (`2026-01-01T00:00:00Z`). Set names, set times and retention then use it instead of the
-/// system clock, so a test can simulate months of backups in seconds.
+/// The time given by `TARDIS_NOW` (see [`tardis_log::clock`]), in Unix nanoseconds.
 pub fn now_override() -> Result<Option<i64>> {
-    let Some(v) = std::env::var_os(NOW_VAR) else { return Ok(None) };
-    let v = v.to_string_lossy();
-    let parsed = match v.parse::<i64>() {
-        Ok(secs) => secs.checked_mul(1_000_000_000),
-        Err(_) => chrono::DateTime::parse_from_rfc3339(&v).ok().and_then(|t| t.timestamp_nanos_opt()),
-    };
-    parsed.map(Some).ok_or_else(|| {
-        Error::Invalid(format!(
-            "{NOW_VAR}={v:?} is not a time: give Unix seconds or RFC 3339 (2026-01-01T00:00:00Z), or unset it"
-        ))
-    })
+    tardis_log::clock::from_env().map_err(Error::Invalid)
 }
 
 /// Now, in Unix nanoseconds: `TARDIS_NOW` if set, else the system clock.

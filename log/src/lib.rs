@@ -12,6 +12,7 @@
 //! The log is the truth; the index can always be rebuilt from it ([`Repo::rebuild_index`]).
 
 pub mod bucket;
+pub mod clock;
 pub mod compact;
 mod error;
 pub mod fault;

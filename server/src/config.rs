@@ -32,6 +32,7 @@ const KEYS: &[&str] = &[
     "MinFreeSpace",
     "SpaceCheckInterval",
     "HostIdleTimeout",
+    "PurgeInterval",
 ];
 
 const POSITIVE: &str = "expected a positive number of seconds";
@@ -39,6 +40,13 @@ const POSITIVE: &str = "expected a positive number of seconds";
 /// A positive number of seconds.
 fn positive_secs(v: &str) -> Option<Duration> {
     v.parse().ok().filter(|s| *s > 0).map(Duration::from_secs)
+}
+
+const SECS_OR_NEVER: &str = "expected a number of seconds (0: never)";
+
+/// A number of seconds, 0 meaning never.
+fn secs_or_never(v: &str) -> Option<Option<Duration>> {
+    v.parse().ok().map(|s: u64| (s > 0).then(|| Duration::from_secs(s)))
 }
 
 /// The daemon's settings.
@@ -92,6 +100,7 @@ impl Config {
                 min_free: MinFree::Off,
                 space_check_every: Duration::from_secs(60),
                 idle_close: Duration::from_secs(60),
+                purge_every: None,
             },
             bucket: None,
         }
@@ -172,10 +181,8 @@ impl Config {
                     c.max_connections =
                         v.parse().ok().filter(|n| *n > 0).ok_or_else(|| bad("expected a positive number"))?
                 }
-                "CompactInterval" => {
-                    let s: u64 = v.parse().map_err(|_| bad("expected a number of seconds (0: never)"))?;
-                    c.jobs.compact_every = (s > 0).then(|| Duration::from_secs(s));
-                }
+                "CompactInterval" => c.jobs.compact_every = secs_or_never(&v).ok_or_else(|| bad(SECS_OR_NEVER))?,
+                "PurgeInterval" => c.jobs.purge_every = secs_or_never(&v).ok_or_else(|| bad(SECS_OR_NEVER))?,
                 "CompactThreshold" => {
                     c.jobs.compact_threshold = v
                         .parse()
@@ -225,10 +232,11 @@ mod tests {
     fn seed_style_file() {
         let c = parse(
             "[Tardis]\n# comment\nBaseDir = /data/backup\nport=7431\nAllowNewHosts = Yes\n; x\nSessionTimeout = 30\n\
-             MinFreeSpace = 5%\nCompactInterval = 0\nHostIdleTimeout = 5\n",
+             MinFreeSpace = 5%\nCompactInterval = 0\nHostIdleTimeout = 5\nPurgeInterval = 3600\n",
         )
         .unwrap();
         assert_eq!(c.jobs.idle_close, Duration::from_secs(5));
+        assert_eq!(c.jobs.purge_every, Some(Duration::from_secs(3600)));
         assert_eq!(c.jobs.min_free, MinFree::Percent(5.0));
         assert_eq!(c.jobs.compact_every, None);
         assert_eq!(c.base_dir, PathBuf::from("/data/backup"));

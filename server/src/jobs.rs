@@ -24,6 +24,8 @@ pub struct JobConfig {
     pub space_check_every: Duration,
     /// Close a host's repository after this long unused (`HostIdleTimeout`).
     pub idle_close: Duration,
+    /// Apply every host's retention schedule this often (`PurgeInterval`); `None` never.
+    pub purge_every: Option<Duration>,
 }
 
 /// The free-space floor.
@@ -77,6 +79,7 @@ pub fn run(service: Arc<Service>, config: JobConfig, stop: Arc<AtomicBool>) {
     let mut next_space = Instant::now();
     let mut next_upload = Instant::now() + UPLOAD_RETRY;
     let mut next_idle_check = Instant::now();
+    let mut next_purge = config.purge_every.map(|_| Instant::now());
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         if now >= next_upload {
@@ -95,6 +98,14 @@ pub fn run(service: Arc<Service>, config: JobConfig, stop: Arc<AtomicBool>) {
             manage_space(&service, &config);
             next_space = now + config.space_check_every;
         }
+        if let (Some(at), Some(every)) = (next_purge, config.purge_every) {
+            if now >= at {
+                for host in service.host_names() {
+                    purge_by_schedule(&service, &host);
+                }
+                next_purge = Some(Instant::now() + every);
+            }
+        }
         if let (Some(at), Some(every)) = (next_compact, config.compact_every) {
             if now >= at {
                 for host in service.host_names() {
@@ -104,6 +115,30 @@ pub fn run(service: Arc<Service>, config: JobConfig, stop: Arc<AtomicBool>) {
             }
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Purges the sets that `host`'s retention schedule (its stored configuration) says are due,
+/// by the daemon's clock: the clock that stamped the sets, so a client's wrong clock plays no
+/// part. The repository refuses a locked set or the latest one whatever the schedule says.
+fn purge_by_schedule(service: &Service, host: &str) {
+    let Some(h) = service.open_host(host) else { return };
+    let due = || -> Result<Vec<SetInfo>, tardis_core::Error> {
+        let sets = h.repo().sets()?;
+        let config = tardis_core::config::Config::from_stored(&h.repo().config()?)?;
+        let ids = retention::by_schedule(&sets, &config.schedule(), service.now(), None);
+        if !ids.is_empty() {
+            h.repo().purge_sets(&ids)?;
+        }
+        Ok(sets.into_iter().filter(|s| ids.contains(&s.id)).collect())
+    };
+    match due() {
+        Ok(purged) => {
+            for s in purged {
+                tracing::info!(host, set = s.name, priority = s.priority, "purged set by the retention schedule");
+            }
+        }
+        Err(e) => tracing::error!(host, "purging by the retention schedule failed: {e}"),
     }
 }
 

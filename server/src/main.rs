@@ -181,7 +181,9 @@ fn run(_cli: &Cli, config: Config) -> anyhow::Result<()> {
     } else {
         eprintln!("tardisd: listening on {addr} (UDP), certificate {}", identity.fingerprint());
     }
-    let service = Arc::new(Service::new(config.base_dir.clone(), config.allow_new_hosts, config.session_timeout));
+    let clock = tardis_log::clock::from_env().map_err(anyhow::Error::msg)?;
+    let service =
+        Arc::new(Service::new(config.base_dir.clone(), config.allow_new_hosts, config.session_timeout, clock));
     let shared = Shared::new(service.clone(), config.max_connections);
     let stop_jobs = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let jobs = {

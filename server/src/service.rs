@@ -113,11 +113,22 @@ pub struct Service {
     allow_new_hosts: bool,
     session_timeout: Duration,
     hosts: Mutex<HashMap<String, Arc<Host>>>,
+    /// A fixed time (`TARDIS_NOW`, tests only) for the repositories' events and the jobs.
+    clock: Option<i64>,
 }
 
 impl Service {
-    pub fn new(base: PathBuf, allow_new_hosts: bool, session_timeout: Duration) -> Service {
-        Service { base, allow_new_hosts, session_timeout, hosts: Mutex::new(HashMap::new()) }
+    pub fn new(base: PathBuf, allow_new_hosts: bool, session_timeout: Duration, clock: Option<i64>) -> Service {
+        Service { base, allow_new_hosts, session_timeout, hosts: Mutex::new(HashMap::new()), clock }
+    }
+
+    /// Now, in Unix nanoseconds: the fixed clock if there is one, else the system clock; the
+    /// same time the repositories stamp sets with, so the retention schedule compares like
+    /// with like.
+    pub fn now(&self) -> i64 {
+        self.clock.unwrap_or_else(|| {
+            SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+        })
     }
 
     pub fn allow_new_hosts(&self) -> bool {
@@ -136,7 +147,8 @@ impl Service {
         if !create && !Repo::exists(&self.base, name)? {
             return Ok(None);
         }
-        let repo = Repo::open(&self.base, name, RepoOptions::default())?;
+        let clock = self.clock.map(|t| Arc::new(std::sync::atomic::AtomicI64::new(t)));
+        let repo = Repo::open(&self.base, name, RepoOptions { clock, ..RepoOptions::default() })?;
         let h = Arc::new(Host {
             name: name.to_owned(),
             repo,

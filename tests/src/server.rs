@@ -19,6 +19,8 @@ pub struct Daemon {
     pub db: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    /// `TARDIS_NOW` for the daemon (Unix seconds), if its clock is fixed.
+    now: Option<i64>,
 }
 
 /// A UDP port that was free a moment ago.
@@ -55,6 +57,7 @@ impl Daemon {
             db: db.to_owned(),
             config: cfg,
             log: dir.join(format!("tardisd-{port}.log")),
+            now: None,
         };
         d.spawn();
         d
@@ -77,6 +80,8 @@ impl Daemon {
             .env_remove("TARDIS_DB")
             .env_remove("TARDIS_PORT")
             .env("RUST_LOG", "info,quinn=warn")
+            .env_remove("TARDIS_NOW")
+            .envs(self.now.map(|t| ("TARDIS_NOW", t.to_string())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file handle"))
             .stderr(log)
@@ -140,6 +145,15 @@ impl Daemon {
     /// Starts the daemon again on the same port with the same configuration.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the daemon before restarting it");
+        self.spawn();
+    }
+
+    /// Stops the daemon and starts it again with its clock fixed at `now` (Unix seconds).
+    pub fn restart_at(&mut self, now: i64) {
+        if self.child.is_some() {
+            assert!(self.stop().success(), "the daemon stops cleanly:\n{}", self.log());
+        }
+        self.now = Some(now);
         self.spawn();
     }
 

@@ -968,3 +968,48 @@ fn verify_runs_on_the_server_while_the_daemon_serves_other_hosts() {
     assert!(stderr(&busy).contains("locked by another process"), "{}", stderr(&busy));
     assert!(out.status.success(), "the paused run finishes: {}", stderr(&out));
 }
+
+#[test]
+fn the_daemon_applies_each_hosts_retention_schedule_by_its_own_clock() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    let mut d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes\nPurgeInterval = 1");
+    let day = 24 * 3600;
+    d.restart_at(tardis_tests::MARCH_1);
+    // Priority 0 goes after a day by the default schedule; above 40, never.
+    for (i, (name, priority)) in [("a", "0"), ("b", "0"), ("c", "0"), ("monthly", "60"), ("d", "0")].iter().enumerate()
+    {
+        fs::write(src.join("f"), noise(20_000, i as u64)).unwrap();
+        let create: &[&str] = if i == 0 { &["--create"] } else { &[] };
+        let mut args = create.to_vec();
+        args.extend(["--name", name, "--priority", priority]);
+        let r = backup(&d, "h", "pw", &kh, &args, &src);
+        assert!(r.status.success(), "{}", stderr(&r));
+    }
+    let tools = |d: &Daemon, args: &[&str]| {
+        let a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        tool("tardis-tools", d, "h", "pw", &kh, &a)
+    };
+    assert!(tools(&d, &["lock", "b"]).status.success());
+    let names = |d: &Daemon| -> Vec<String> {
+        let r = tools(d, &["sets", "--json"]);
+        String::from_utf8_lossy(&r.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Half a day later nothing is due.
+    d.restart_at(tardis_tests::MARCH_1 + day / 2);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(names(&d), ["a", "b", "c", "monthly", "d"]);
+    // Two days later the daemon purges what is due by its clock, whatever the clients' clocks
+    // say: never the locked set, the latest one or one of priority above 40.
+    d.restart_at(tardis_tests::MARCH_1 + 2 * day);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.log().matches("purged set by the retention schedule").count() < 2 {
+        assert!(Instant::now() < deadline, "nothing was purged:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(names(&d), ["b", "monthly", "d"]);
+}
