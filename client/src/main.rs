@@ -11,6 +11,8 @@ use tardis_client::exclude::ExcludeConfig;
 use tardis_client::purge::{self, PurgeOptions, Selection};
 use tardis_client::remote::{self, ServerArgs};
 use tardis_client::session::IfMissing;
+use tardis_core::api::Repository;
+use tardis_core::ids::SetId;
 
 /// Back up files incrementally into a Tardis repository.
 ///
@@ -113,10 +115,18 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     seen.record(stats.set, &stats.set_name);
     if cli.purge {
         // After the backup, so the set just made counts as the newest one and is kept.
-        let req =
-            PurgeOptions { selection: Selection::Schedule { now: cli::now()? }, max_priority: None, dry_run: false };
-        let purged = purge::purge(repo, &req)?;
-        stats.purged = purged.into_iter().map(|s| s.name).collect();
+        let now = cli::now()?;
+        match clock_skew(repo, stats.set, now)? {
+            Some(msg) => {
+                tracing::warn!("{msg}");
+                stats.warnings.push(msg);
+            }
+            None => {
+                let req = PurgeOptions { selection: Selection::Schedule { now }, max_priority: None, dry_run: false };
+                let purged = purge::purge(repo, &req)?;
+                stats.purged = purged.into_iter().map(|s| s.name).collect();
+            }
+        }
     }
     if cli.json {
         println!("{}", serde_json::to_string(&stats)?);
@@ -127,6 +137,40 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if stats.warnings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+/// How far this machine's clock may be from the repository's before `--purge` is skipped.
+const MAX_CLOCK_SKEW_SECS: i64 = 600;
+
+/// Why `--purge` must not run now: the retention schedule compares this machine's clock with
+/// the finish times the repository stamped, and `set`, finished a moment ago, shows how far
+/// apart the two are. A clock days ahead would purge sets that are not due.
+fn clock_skew(repo: &dyn Repository, set: SetId, now: i64) -> anyhow::Result<Option<String>> {
+    let Some(finished) = repo.sets()?.into_iter().find(|s| s.id == set).and_then(|s| s.finished) else {
+        return Ok(None);
+    };
+    let skew = (now - finished) / 1_000_000_000;
+    if skew.abs() <= MAX_CLOCK_SKEW_SECS {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "purge skipped: this machine's clock is {} {} the repository's, which stamped the set just made; \
+         set the clock right (or let tardisd purge, PurgeInterval) and purge again",
+        human_secs(skew.unsigned_abs()),
+        if skew > 0 { "ahead of" } else { "behind" }
+    )))
+}
+
+/// Seconds to the nearest whole days, hours or minutes, whichever gives at least two.
+fn human_secs(s: u64) -> String {
+    let (days, hours) = ((s + 43_200) / 86_400, (s + 1_800) / 3_600);
+    if days >= 2 {
+        format!("{days} days")
+    } else if hours >= 2 {
+        format!("{hours} hours")
+    } else {
+        format!("{} minutes", (s + 30) / 60)
+    }
 }
 
 fn print_summary(host: &str, s: &BackupStats) {

@@ -1013,3 +1013,47 @@ fn the_daemon_applies_each_hosts_retention_schedule_by_its_own_clock() {
     }
     assert_eq!(names(&d), ["b", "monthly", "d"]);
 }
+
+#[test]
+fn a_client_whose_clock_is_days_ahead_does_not_purge() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    let d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes");
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        fs::write(src.join("f"), noise(20_000, i as u64)).unwrap();
+        let create: &[&str] = if i == 0 { &["--create"] } else { &[] };
+        let mut args = create.to_vec();
+        args.extend(["--name", name]);
+        let r = backup(&d, "h", "pw", &kh, &args, &src);
+        assert!(r.status.success(), "{}", stderr(&r));
+    }
+    let real_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let purge_at = |now: Option<u64>, name: &str| {
+        let mut c = Command::new(bin("tardis"));
+        c.args(d.client_args("h", "pw", &kh)).args(["--name", name, "--purge"]).arg(&src);
+        match now {
+            Some(t) => c.env("TARDIS_NOW", t.to_string()),
+            None => c.env_remove("TARDIS_NOW"),
+        };
+        c.output().unwrap()
+    };
+    // Two days ahead, set a (priority 0, kept a day) would look due: the purge is skipped, the
+    // backup itself is kept, and the run ends with a warning (exit 3).
+    let r = purge_at(Some(real_now + 2 * 86_400), "c");
+    assert_eq!(r.status.code(), Some(3), "{}", stderr(&r));
+    assert!(
+        stderr(&r).contains("purge skipped: this machine's clock is 2 days ahead of the repository's"),
+        "{}",
+        stderr(&r)
+    );
+    let r = tool("tardis-tools", &d, "h", "pw", &kh, &["sets".as_ref(), "--json".as_ref()]);
+    let listed: Vec<String> = String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, ["a", "b", "c"]);
+    // With the clock right, the purge runs (nothing is due yet).
+    let r = purge_at(None, "d");
+    assert!(r.status.success(), "{}", stderr(&r));
+}
