@@ -7,6 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::jobs::{JobConfig, MinFree};
+use crate::service::NewHosts;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tardis_log::bucket::BucketConfig;
@@ -61,8 +62,9 @@ pub struct Config {
     /// PEM certificate chain and key; generated self-signed on first start if both are absent.
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    /// Whether clients may create hosts (`AllowNewHosts`, `--allow-new-hosts`).
-    pub allow_new_hosts: bool,
+    /// Which hosts clients may create (`AllowNewHosts`: yes, no or a list of names;
+    /// `--allow-new-hosts`).
+    pub allow_new_hosts: NewHosts,
     /// `error`, `warn`, `info`, `debug` or `trace`.
     pub log_level: String,
     /// Log destination when running in the background (stderr in the foreground).
@@ -88,7 +90,7 @@ impl Config {
             base_dir,
             port: tardis_net::proto::DEFAULT_PORT,
             listen: "::".into(),
-            allow_new_hosts: false,
+            allow_new_hosts: NewHosts::None,
             log_level: "info".into(),
             log_file: None,
             pid_file: None,
@@ -164,7 +166,7 @@ impl Config {
                 "Listen" => c.listen = v,
                 "CertFile" => c.cert_file = PathBuf::from(v),
                 "KeyFile" => c.key_file = PathBuf::from(v),
-                "AllowNewHosts" => c.allow_new_hosts = parse_bool(&v).ok_or_else(|| bad("expected yes or no"))?,
+                "AllowNewHosts" => c.allow_new_hosts = parse_new_hosts(&v).map_err(|why| bad(&why))?,
                 "LogLevel" => {
                     if !["error", "warn", "info", "debug", "trace"].contains(&v.to_ascii_lowercase().as_str()) {
                         return Err(bad("expected error, warn, info, debug or trace"));
@@ -212,6 +214,26 @@ impl Config {
     }
 }
 
+/// `yes`, `no`, or host names separated by commas or spaces.
+fn parse_new_hosts(v: &str) -> std::result::Result<NewHosts, String> {
+    match parse_bool(v) {
+        Some(true) => return Ok(NewHosts::Any),
+        Some(false) => return Ok(NewHosts::None),
+        None => {}
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for name in v.split([',', ' ', '\t']).filter(|n| !n.is_empty()) {
+        tardis_log::repo::check_host_name(name).map_err(|e| {
+            format!("expected yes, no or host names separated by commas, and {name:?} is not a host name: {e}")
+        })?;
+        names.insert(name.to_owned());
+    }
+    if names.is_empty() {
+        return Err("expected yes, no or host names separated by commas".into());
+    }
+    Ok(NewHosts::Only(names))
+}
+
 fn parse_bool(v: &str) -> Option<bool> {
     match v.to_ascii_lowercase().as_str() {
         "yes" | "true" | "on" | "1" => Some(true),
@@ -242,7 +264,9 @@ mod tests {
         assert_eq!(c.base_dir, PathBuf::from("/data/backup"));
         assert_eq!(c.cert_file, PathBuf::from("/data/backup/.tardisd/cert.pem"));
         assert_eq!(c.port, 7431);
-        assert!(c.allow_new_hosts);
+        assert_eq!(c.allow_new_hosts, NewHosts::Any);
+        let only = parse("AllowNewHosts = web1, db1 pi\n").unwrap().allow_new_hosts;
+        assert!(only.allows("web1") && only.allows("pi") && !only.allows("other"), "{only}");
         assert_eq!(c.session_timeout, Duration::from_secs(30));
         assert_eq!(parse("").unwrap(), Config::with_base("/srv/tardis".into()));
     }
@@ -253,8 +277,10 @@ mod tests {
         assert!(e.contains("t.cfg:2") && e.contains("unknown key") && e.contains("Port"), "{e}");
         let e = parse("Port = seventy\n").unwrap_err().to_string();
         assert!(e.contains("t.cfg:1") && e.contains("port number"), "{e}");
-        let e = parse("AllowNewHosts = maybe\n").unwrap_err().to_string();
-        assert!(e.contains("yes or no"), "{e}");
+        let e = parse("AllowNewHosts = ,\n").unwrap_err().to_string();
+        assert!(e.contains("expected yes, no or host names"), "{e}");
+        let e = parse("AllowNewHosts = web1, ../etc\n").unwrap_err().to_string();
+        assert!(e.contains("\"../etc\" is not a host name"), "{e}");
         assert!(parse("just words\n").is_err());
         assert!(parse("Port = 0\n").is_err());
         let e = parse("HostIdleTimeout = 0\n").unwrap_err().to_string();

@@ -11,7 +11,7 @@ use tardis_net::{tls, transport};
 use tardis_server::config::Config;
 use tardis_server::daemon;
 use tardis_server::listener::{self, Shared};
-use tardis_server::service::Service;
+use tardis_server::service::{NewHosts, Service};
 
 /// The Tardis repository daemon: keeps the backups of many hosts and serves them over QUIC.
 ///
@@ -97,7 +97,9 @@ fn settings(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(l) = &cli.listen {
         c.listen = l.clone();
     }
-    c.allow_new_hosts |= cli.allow_new_hosts;
+    if cli.allow_new_hosts {
+        c.allow_new_hosts = NewHosts::Any;
+    }
     if cli.pidfile.is_some() {
         c.pid_file = cli.pidfile.clone();
     }
@@ -172,7 +174,7 @@ fn run(_cli: &Cli, config: Config) -> anyhow::Result<()> {
         %addr,
         base = %config.base_dir.display(),
         certificate = identity.fingerprint(),
-        allow_new_hosts = config.allow_new_hosts,
+        allow_new_hosts = %config.allow_new_hosts,
         "tardisd {} listening",
         env!("CARGO_PKG_VERSION")
     );
@@ -183,7 +185,7 @@ fn run(_cli: &Cli, config: Config) -> anyhow::Result<()> {
     }
     let clock = tardis_log::clock::from_env().map_err(anyhow::Error::msg)?;
     let service =
-        Arc::new(Service::new(config.base_dir.clone(), config.allow_new_hosts, config.session_timeout, clock));
+        Arc::new(Service::new(config.base_dir.clone(), config.allow_new_hosts.clone(), config.session_timeout, clock));
     let shared = Shared::new(service.clone(), config.max_connections);
     let stop_jobs = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let jobs = {

@@ -47,6 +47,36 @@ impl From<tardis_log::Error> for Refusal {
 
 type Reply<T> = std::result::Result<T, Refusal>;
 
+/// Which hosts clients may create (`AllowNewHosts`): none, any, or only those named.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum NewHosts {
+    #[default]
+    None,
+    Any,
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl NewHosts {
+    /// Whether a client may create host `name`.
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            NewHosts::None => false,
+            NewHosts::Any => true,
+            NewHosts::Only(names) => names.contains(name),
+        }
+    }
+}
+
+impl std::fmt::Display for NewHosts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NewHosts::None => f.write_str("no"),
+            NewHosts::Any => f.write_str("yes"),
+            NewHosts::Only(names) => f.write_str(&names.iter().cloned().collect::<Vec<_>>().join(", ")),
+        }
+    }
+}
+
 /// The claim of one client run on its host's backup.
 #[derive(Debug, Clone)]
 struct Lease {
@@ -110,7 +140,7 @@ pub struct Session {
 #[derive(Debug)]
 pub struct Service {
     base: PathBuf,
-    allow_new_hosts: bool,
+    new_hosts: NewHosts,
     session_timeout: Duration,
     hosts: Mutex<HashMap<String, Arc<Host>>>,
     /// A fixed time (`TARDIS_NOW`, tests only) for the repositories' events and the jobs.
@@ -118,8 +148,8 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(base: PathBuf, allow_new_hosts: bool, session_timeout: Duration, clock: Option<i64>) -> Service {
-        Service { base, allow_new_hosts, session_timeout, hosts: Mutex::new(HashMap::new()), clock }
+    pub fn new(base: PathBuf, new_hosts: NewHosts, session_timeout: Duration, clock: Option<i64>) -> Service {
+        Service { base, new_hosts, session_timeout, hosts: Mutex::new(HashMap::new()), clock }
     }
 
     /// Now, in Unix nanoseconds: the fixed clock if there is one, else the system clock; the
@@ -131,8 +161,9 @@ impl Service {
         })
     }
 
+    /// Whether clients may create some host (what the greeting tells them).
     pub fn allow_new_hosts(&self) -> bool {
-        self.allow_new_hosts
+        self.new_hosts != NewHosts::None
     }
 
     /// The open repository of `name`, opening it on first use; `None` if the host has no
@@ -295,14 +326,18 @@ impl Service {
         key: HostKey,
         a: LoginAttempt,
     ) -> Reply<(Session, HostInfo)> {
-        if !self.allow_new_hosts {
-            return Err(Refusal::new(
-                ErrorCode::NewHostsNotAllowed,
-                format!(
+        if !self.new_hosts.allows(name) {
+            let why = match &self.new_hosts {
+                NewHosts::Only(_) => format!(
+                    "this server creates only the hosts named in AllowNewHosts, and host {name} is not one of them \
+                     and does not exist: add it to AllowNewHosts in tardisd.cfg, or check --host"
+                ),
+                _ => format!(
                     "this server does not create hosts, and host {name} does not exist: set AllowNewHosts = yes in \
                      tardisd.cfg (or start tardisd with --allow-new-hosts), or check --host"
                 ),
-            ));
+            };
+            return Err(Refusal::new(ErrorCode::NewHostsNotAllowed, why));
         }
         // The proof shows the creator holds the key behind the verifier it registers.
         if !login::check(&key.verifier, name, &a.binding, &a.proof) {

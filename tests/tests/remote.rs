@@ -1057,3 +1057,26 @@ fn a_client_whose_clock_is_days_ahead_does_not_purge() {
     let r = purge_at(None, "d");
     assert!(r.status.success(), "{}", stderr(&r));
 }
+
+#[test]
+fn a_server_creates_only_the_hosts_it_lists() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), "data").unwrap();
+    let d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = web1, db1");
+    let r = backup(&d, "web1", "pw", &kh, &["--create"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = backup(&d, "intruder", "pw", &kh, &["--create"], &src);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(
+        stderr(&r).contains(
+            "this server creates only the hosts named in AllowNewHosts, and host intruder is not one of them"
+        ),
+        "{}",
+        stderr(&r)
+    );
+    assert!(!d.db.join("intruder").exists(), "nothing is created for a refused host");
+    let r = backup(&d, "web1", "pw", &kh, &[], &src);
+    assert!(r.status.success(), "a listed host backs up as usual: {}", stderr(&r));
+}
