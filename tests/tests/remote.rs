@@ -1080,3 +1080,69 @@ fn a_server_creates_only_the_hosts_it_lists() {
     let r = backup(&d, "web1", "pw", &kh, &[], &src);
     assert!(r.status.success(), "a listed host backs up as usual: {}", stderr(&r));
 }
+
+#[test]
+fn a_client_paused_past_its_claim_while_the_daemon_compacts_loses_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    let mut d = Daemon::start(
+        &work.path().join("srv"),
+        "AllowNewHosts = yes\nSessionTimeout = 1\nCompactInterval = 1\nCompactThreshold = 1",
+    );
+    // Set old holds a file that base replaced; the paused run brings old's content back, so the
+    // chunks it finds stored are those of a set purged while it is paused.
+    for (i, name) in ["old", "base"].iter().enumerate() {
+        fs::write(src.join("f"), noise(2 << 20, i as u64)).unwrap();
+        let create: &[&str] = if i == 0 { &["--create"] } else { &[] };
+        let mut args = create.to_vec();
+        args.extend(["--name", name]);
+        let r = backup(&d, "h", "pw", &kh, &args, &src);
+        assert!(r.status.success(), "{}", stderr(&r));
+    }
+    fs::write(src.join("f"), noise(2 << 20, 0)).unwrap();
+    fs::write(src.join("g"), noise(48 << 20, 9)).unwrap();
+    let want = manifest(&src);
+    let opened = d.log().matches("set opened").count();
+    let client = Command::new(bin("tardis"))
+        .args(d.client_args("h", "pw", &kh))
+        .args(["--name", "paused"])
+        .arg(&src)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.log().matches("set opened").count() == opened {
+        assert!(Instant::now() < deadline, "the run never opened its set:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Paused past its claim (1 s) and past the connection's idle timeout (20 s), while old is
+    // purged and the daemon compacts every second: the open set keeps every chunk, so the run
+    // either finishes with all its chunks stored or is refused; it must not lose data.
+    let pid = nix::unistd::Pid::from_raw(client.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let r = tool("tardis-tools", &d, "h", "pw", &kh, &["purge".as_ref(), "--set".as_ref(), "old".as_ref()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    std::thread::sleep(Duration::from_secs(25));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert!(out.status.success(), "the paused run finishes: {}", stderr(&out));
+
+    assert!(d.stop().success());
+    let on_server = |args: &[&str]| {
+        Command::new(bin("tardis-tools"))
+            .arg("--db")
+            .arg(&d.db)
+            .args(["--host", "h", "--password", "pw"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let v = on_server(&["verify", "--read-data"]);
+    assert!(v.status.success(), "{}{}", String::from_utf8_lossy(&v.stdout), stderr(&v));
+    let restored = work.path().join("out");
+    let r = on_server(&["regenerate", "--set", "paused", "-o", restored.to_str().unwrap(), src.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_same(&want, &manifest(&restored), "the set of the paused run");
+}
