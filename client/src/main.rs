@@ -123,8 +123,16 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             None => {
                 let req = PurgeOptions { selection: Selection::Schedule { now }, max_priority: None, dry_run: false };
-                let purged = purge::purge(repo, &req)?;
-                stats.purged = purged.into_iter().map(|s| s.name).collect();
+                // The set is complete whatever happens here, so a refused or failed purge (an
+                // append-only host, a dropped connection) is a warning, not a failed backup.
+                match purge::purge(repo, &req) {
+                    Ok(purged) => stats.purged = purged.into_iter().map(|s| s.name).collect(),
+                    Err(e) => {
+                        let msg = format!("purge failed; the backup itself is complete: {e}");
+                        tracing::warn!("{msg}");
+                        stats.warnings.push(msg);
+                    }
+                }
             }
         }
     }

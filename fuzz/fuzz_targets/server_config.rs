@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 use tardis_log::bucket::BucketConfig;
 use tardis_server::config::Config;
-use tardis_server::service::NewHosts;
+use tardis_server::service::Hosts;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
@@ -17,9 +17,11 @@ fuzz_target!(|data: &[u8]| {
             assert!((0.0..=1.0).contains(&c.jobs.compact_threshold));
             assert!(c.jobs.compact_every.is_none_or(|d| !d.is_zero()) && !c.jobs.space_check_every.is_zero());
             assert!(c.jobs.purge_every.is_none_or(|d| !d.is_zero()) && !c.jobs.idle_close.is_zero());
-            if let NewHosts::Only(names) = &c.allow_new_hosts {
-                assert!(!names.is_empty());
-                assert!(names.iter().all(|n| tardis_log::repo::check_host_name(n).is_ok()), "{names:?}");
+            for hosts in [&c.rules.new_hosts, &c.rules.append_only] {
+                if let Hosts::Only(names) = hosts {
+                    assert!(!names.is_empty());
+                    assert!(names.iter().all(|n| tardis_log::repo::check_host_name(n).is_ok()), "{names:?}");
+                }
             }
             // Parsing is a function of the text alone.
             let again = Config::parse(text, Path::new("/fuzz/tardisd.cfg")).expect("the same text parses again");

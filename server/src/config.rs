@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::jobs::{JobConfig, MinFree};
-use crate::service::NewHosts;
+use crate::service::{Hosts, Rules};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tardis_log::bucket::BucketConfig;
@@ -34,6 +34,7 @@ const KEYS: &[&str] = &[
     "SpaceCheckInterval",
     "HostIdleTimeout",
     "PurgeInterval",
+    "AppendOnly",
 ];
 
 const POSITIVE: &str = "expected a positive number of seconds";
@@ -63,8 +64,8 @@ pub struct Config {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     /// Which hosts clients may create (`AllowNewHosts`: yes, no or a list of names;
-    /// `--allow-new-hosts`).
-    pub allow_new_hosts: NewHosts,
+    /// `--allow-new-hosts`) and which are append-only (`AppendOnly`).
+    pub rules: Rules,
     /// `error`, `warn`, `info`, `debug` or `trace`.
     pub log_level: String,
     /// Log destination when running in the background (stderr in the foreground).
@@ -90,7 +91,7 @@ impl Config {
             base_dir,
             port: tardis_net::proto::DEFAULT_PORT,
             listen: "::".into(),
-            allow_new_hosts: NewHosts::None,
+            rules: Rules::default(),
             log_level: "info".into(),
             log_file: None,
             pid_file: None,
@@ -166,7 +167,8 @@ impl Config {
                 "Listen" => c.listen = v,
                 "CertFile" => c.cert_file = PathBuf::from(v),
                 "KeyFile" => c.key_file = PathBuf::from(v),
-                "AllowNewHosts" => c.allow_new_hosts = parse_new_hosts(&v).map_err(|why| bad(&why))?,
+                "AllowNewHosts" => c.rules.new_hosts = parse_hosts(&v).map_err(|why| bad(&why))?,
+                "AppendOnly" => c.rules.append_only = parse_hosts(&v).map_err(|why| bad(&why))?,
                 "LogLevel" => {
                     if !["error", "warn", "info", "debug", "trace"].contains(&v.to_ascii_lowercase().as_str()) {
                         return Err(bad("expected error, warn, info, debug or trace"));
@@ -215,10 +217,10 @@ impl Config {
 }
 
 /// `yes`, `no`, or host names separated by commas or spaces.
-fn parse_new_hosts(v: &str) -> std::result::Result<NewHosts, String> {
+fn parse_hosts(v: &str) -> std::result::Result<Hosts, String> {
     match parse_bool(v) {
-        Some(true) => return Ok(NewHosts::Any),
-        Some(false) => return Ok(NewHosts::None),
+        Some(true) => return Ok(Hosts::Any),
+        Some(false) => return Ok(Hosts::None),
         None => {}
     }
     let mut names = std::collections::BTreeSet::new();
@@ -231,7 +233,7 @@ fn parse_new_hosts(v: &str) -> std::result::Result<NewHosts, String> {
     if names.is_empty() {
         return Err("expected yes, no or host names separated by commas".into());
     }
-    Ok(NewHosts::Only(names))
+    Ok(Hosts::Only(names))
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -264,9 +266,12 @@ mod tests {
         assert_eq!(c.base_dir, PathBuf::from("/data/backup"));
         assert_eq!(c.cert_file, PathBuf::from("/data/backup/.tardisd/cert.pem"));
         assert_eq!(c.port, 7431);
-        assert_eq!(c.allow_new_hosts, NewHosts::Any);
-        let only = parse("AllowNewHosts = web1, db1 pi\n").unwrap().allow_new_hosts;
-        assert!(only.allows("web1") && only.allows("pi") && !only.allows("other"), "{only}");
+        assert_eq!(c.rules.new_hosts, Hosts::Any);
+        assert_eq!(c.rules.append_only, Hosts::None);
+        let rules = parse("AllowNewHosts = web1, db1 pi\nAppendOnly = yes\n").unwrap().rules;
+        let only = rules.new_hosts;
+        assert!(only.contains("web1") && only.contains("pi") && !only.contains("other"), "{only}");
+        assert!(rules.append_only.contains("anything"));
         assert_eq!(c.session_timeout, Duration::from_secs(30));
         assert_eq!(parse("").unwrap(), Config::with_base("/srv/tardis".into()));
     }

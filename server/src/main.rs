@@ -11,7 +11,7 @@ use tardis_net::{tls, transport};
 use tardis_server::config::Config;
 use tardis_server::daemon;
 use tardis_server::listener::{self, Shared};
-use tardis_server::service::{NewHosts, Service};
+use tardis_server::service::{Hosts, Service};
 
 /// The Tardis repository daemon: keeps the backups of many hosts and serves them over QUIC.
 ///
@@ -98,7 +98,7 @@ fn settings(cli: &Cli) -> anyhow::Result<Config> {
         c.listen = l.clone();
     }
     if cli.allow_new_hosts {
-        c.allow_new_hosts = NewHosts::Any;
+        c.rules.new_hosts = Hosts::Any;
     }
     if cli.pidfile.is_some() {
         c.pid_file = cli.pidfile.clone();
@@ -174,7 +174,8 @@ fn run(_cli: &Cli, config: Config) -> anyhow::Result<()> {
         %addr,
         base = %config.base_dir.display(),
         certificate = identity.fingerprint(),
-        allow_new_hosts = %config.allow_new_hosts,
+        allow_new_hosts = %config.rules.new_hosts,
+        append_only = %config.rules.append_only,
         "tardisd {} listening",
         env!("CARGO_PKG_VERSION")
     );
@@ -184,8 +185,7 @@ fn run(_cli: &Cli, config: Config) -> anyhow::Result<()> {
         eprintln!("tardisd: listening on {addr} (UDP), certificate {}", identity.fingerprint());
     }
     let clock = tardis_log::clock::from_env().map_err(anyhow::Error::msg)?;
-    let service =
-        Arc::new(Service::new(config.base_dir.clone(), config.allow_new_hosts.clone(), config.session_timeout, clock));
+    let service = Arc::new(Service::new(config.base_dir.clone(), config.rules.clone(), config.session_timeout, clock));
     let shared = Shared::new(service.clone(), config.max_connections);
     let stop_jobs = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let jobs = {

@@ -47,34 +47,44 @@ impl From<tardis_log::Error> for Refusal {
 
 type Reply<T> = std::result::Result<T, Refusal>;
 
-/// Which hosts clients may create (`AllowNewHosts`): none, any, or only those named.
+/// A choice of hosts made in `tardisd.cfg` (`no`, `yes` or names): which hosts clients may
+/// create (`AllowNewHosts`), which are append-only (`AppendOnly`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum NewHosts {
+pub enum Hosts {
     #[default]
     None,
     Any,
     Only(std::collections::BTreeSet<String>),
 }
 
-impl NewHosts {
-    /// Whether a client may create host `name`.
-    pub fn allows(&self, name: &str) -> bool {
+impl Hosts {
+    pub fn contains(&self, name: &str) -> bool {
         match self {
-            NewHosts::None => false,
-            NewHosts::Any => true,
-            NewHosts::Only(names) => names.contains(name),
+            Hosts::None => false,
+            Hosts::Any => true,
+            Hosts::Only(names) => names.contains(name),
         }
     }
 }
 
-impl std::fmt::Display for NewHosts {
+impl std::fmt::Display for Hosts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NewHosts::None => f.write_str("no"),
-            NewHosts::Any => f.write_str("yes"),
-            NewHosts::Only(names) => f.write_str(&names.iter().cloned().collect::<Vec<_>>().join(", ")),
+            Hosts::None => f.write_str("no"),
+            Hosts::Any => f.write_str("yes"),
+            Hosts::Only(names) => f.write_str(&names.iter().cloned().collect::<Vec<_>>().join(", ")),
         }
     }
+}
+
+/// What the daemon lets clients do beyond backing up and reading their own host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// `AllowNewHosts`.
+    pub new_hosts: Hosts,
+    /// `AppendOnly`: their clients may add sets and lock them, but not purge, unlock, change
+    /// the configuration or the password; that is done on the server with `tardis-tools --db`.
+    pub append_only: Hosts,
 }
 
 /// The claim of one client run on its host's backup.
@@ -140,7 +150,7 @@ pub struct Session {
 #[derive(Debug)]
 pub struct Service {
     base: PathBuf,
-    new_hosts: NewHosts,
+    rules: Rules,
     session_timeout: Duration,
     hosts: Mutex<HashMap<String, Arc<Host>>>,
     /// A fixed time (`TARDIS_NOW`, tests only) for the repositories' events and the jobs.
@@ -148,8 +158,8 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(base: PathBuf, new_hosts: NewHosts, session_timeout: Duration, clock: Option<i64>) -> Service {
-        Service { base, new_hosts, session_timeout, hosts: Mutex::new(HashMap::new()), clock }
+    pub fn new(base: PathBuf, rules: Rules, session_timeout: Duration, clock: Option<i64>) -> Service {
+        Service { base, rules, session_timeout, hosts: Mutex::new(HashMap::new()), clock }
     }
 
     /// Now, in Unix nanoseconds: the fixed clock if there is one, else the system clock; the
@@ -163,7 +173,7 @@ impl Service {
 
     /// Whether clients may create some host (what the greeting tells them).
     pub fn allow_new_hosts(&self) -> bool {
-        self.new_hosts != NewHosts::None
+        self.rules.new_hosts != Hosts::None
     }
 
     /// The open repository of `name`, opening it on first use; `None` if the host has no
@@ -326,9 +336,9 @@ impl Service {
         key: HostKey,
         a: LoginAttempt,
     ) -> Reply<(Session, HostInfo)> {
-        if !self.new_hosts.allows(name) {
-            let why = match &self.new_hosts {
-                NewHosts::Only(_) => format!(
+        if !self.rules.new_hosts.contains(name) {
+            let why = match &self.rules.new_hosts {
+                Hosts::Only(_) => format!(
                     "this server creates only the hosts named in AllowNewHosts, and host {name} is not one of them \
                      and does not exist: add it to AllowNewHosts in tardisd.cfg, or check --host"
                 ),
@@ -426,6 +436,27 @@ impl Service {
 
     fn dispatch(&self, s: &Session, req: Request, page: &mut dyn FnMut(Response) -> bool) -> Reply<Response> {
         let repo = &s.host.repo;
+        if self.rules.append_only.contains(&s.host.name) {
+            let what = match &req {
+                Request::PurgeSets { .. } => Some("purge sets"),
+                Request::SetLocked { locked: false, .. } => Some("unlock sets"),
+                Request::SetConfig { .. } => Some("change its configuration"),
+                Request::SetWrappedKey { .. } => Some("change its password"),
+                _ => None,
+            };
+            if let Some(what) = what {
+                tracing::warn!(host = %s.host.name, peer = %s.peer, "refused to {what}: the host is append-only");
+                return Err(Refusal::new(
+                    ErrorCode::Refused,
+                    format!(
+                        "host {} is append-only on this server (AppendOnly in tardisd.cfg): its clients cannot {what}; \
+                         do it on the server with `tardis-tools --db {}`",
+                        s.host.name,
+                        self.base.display()
+                    ),
+                ));
+            }
+        }
         Ok(match req {
             Request::Host => Response::Host { info: repo.host()? },
             Request::SetWrappedKey { key } => {

@@ -24,6 +24,13 @@ fn backup(d: &Daemon, host: &str, pw: &str, kh: &Path, extra: &[&str], path: &Pa
     tool("tardis", d, host, pw, kh, &args)
 }
 
+/// `tardis-tools --db` on the daemon's own repository, as an administrator runs it on the server.
+fn on_server(d: &Daemon, host: &str, pw: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("tardis-tools"));
+    cmd.arg("--db").arg(&d.db).args(["--host", host, "--password", pw]).args(args);
+    cmd.output().unwrap()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -918,15 +925,7 @@ fn verify_runs_on_the_server_while_the_daemon_serves_other_hosts() {
         let r = backup(&d, host, "pw", &kh, &["--create"], &src);
         assert!(r.status.success(), "{}", stderr(&r));
     }
-    let on_server = |args: &[&str]| {
-        Command::new(bin("tardis-tools"))
-            .arg("--db")
-            .arg(&d.db)
-            .args(["--host", "h", "--password", "pw"])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let on_server = |args: &[&str]| on_server(&d, "h", "pw", args);
     // The daemon lets go of a host it has not used for HostIdleTimeout.
     let deadline = Instant::now() + Duration::from_secs(30);
     while d.log().matches("closed idle repository").count() < 2 {
@@ -1130,19 +1129,79 @@ fn a_client_paused_past_its_claim_while_the_daemon_compacts_loses_nothing() {
     assert!(out.status.success(), "the paused run finishes: {}", stderr(&out));
 
     assert!(d.stop().success());
-    let on_server = |args: &[&str]| {
-        Command::new(bin("tardis-tools"))
-            .arg("--db")
-            .arg(&d.db)
-            .args(["--host", "h", "--password", "pw"])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let on_server = |args: &[&str]| on_server(&d, "h", "pw", args);
     let v = on_server(&["verify", "--read-data"]);
     assert!(v.status.success(), "{}{}", String::from_utf8_lossy(&v.stdout), stderr(&v));
     let restored = work.path().join("out");
     let r = on_server(&["regenerate", "--set", "paused", "-o", restored.to_str().unwrap(), src.to_str().unwrap()]);
     assert!(r.status.success(), "{}", stderr(&r));
     assert_same(&want, &manifest(&restored), "the set of the paused run");
+}
+
+#[test]
+fn an_append_only_hosts_client_cannot_delete_but_the_server_can() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, kh) = (work.path().join("src"), work.path().join("known_hosts"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), noise(100_000, 1)).unwrap();
+    let mut d = Daemon::start(&work.path().join("srv"), "AllowNewHosts = yes\nAppendOnly = web1");
+    // The first sets are stamped three days ago, so the retention schedule has some due.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    d.restart_at(now - 3 * 86_400);
+    for (i, name) in ["one", "two", "three"].iter().enumerate() {
+        let create: &[&str] = if i == 0 { &["--create"] } else { &[] };
+        let mut args = create.to_vec();
+        args.extend(["--name", name]);
+        let r = backup(&d, "web1", "pw", &kh, &args, &src);
+        assert!(r.status.success(), "{}", stderr(&r));
+    }
+    let web1 = |d: &Daemon, args: &[&str]| {
+        let a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        tool("tardis-tools", d, "web1", "pw", &kh, &a)
+    };
+    let refused = |r: &Output, what: &str| {
+        assert_eq!(r.status.code(), Some(1), "{what}: {}", stderr(r));
+        let e = stderr(r);
+        assert!(e.contains("host web1 is append-only") && e.contains("tardis-tools --db"), "{what}: {e}");
+    };
+    d.restart_at(now);
+    // Adding and locking are allowed; anything that could lead to losing a set is not.
+    assert!(web1(&d, &["lock", "one"]).status.success());
+    refused(&web1(&d, &["unlock", "one"]), "unlock");
+    refused(&web1(&d, &["purge", "--set", "two"]), "purge");
+    refused(&web1(&d, &["config", "DailyKeep", "1h"]), "config");
+    refused(&web1(&d, &["keys", "--new-password", "stolen"]), "keys");
+    // A backup with --purge still records its set, and warns about the purge.
+    let r = backup(&d, "web1", "pw", &kh, &["--purge", "--name", "four"], &src);
+    assert_eq!(r.status.code(), Some(3), "{}", stderr(&r));
+    assert!(stderr(&r).contains("purge failed; the backup itself is complete"), "{}", stderr(&r));
+    let sets = |r: Output| -> Vec<String> {
+        assert!(r.status.success(), "{}", stderr(&r));
+        String::from_utf8_lossy(&r.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(sets(web1(&d, &["sets", "--json"])), ["one", "two", "three", "four"]);
+    let r = web1(&d, &["config", "DailyKeep"]);
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "30d", "{}", stderr(&r));
+    // Other hosts keep every right.
+    let r = backup(&d, "db1", "pw2", &kh, &["--create", "--name", "a"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = backup(&d, "db1", "pw2", &kh, &["--name", "b"], &src);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = tool("tardis-tools", &d, "db1", "pw2", &kh, &["purge".as_ref(), "--set".as_ref(), "a".as_ref()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+
+    // On the server, with the password, the administrator can do what the client could not.
+    assert!(d.stop().success());
+    let on_server = |args: &[&str]| on_server(&d, "web1", "pw", args);
+    for args in [&["unlock", "one"][..], &["purge", "--set", "one"], &["config", "DailyKeep", "60d"]] {
+        let r = on_server(args);
+        assert!(r.status.success(), "{args:?}: {}", stderr(&r));
+    }
+    d.restart();
+    assert_eq!(sets(web1(&d, &["sets", "--json"])), ["two", "three", "four"]);
+    let r = web1(&d, &["config", "DailyKeep"]);
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "60d", "{}", stderr(&r));
 }
