@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! /                      one directory per live set, by name (see `sets`), plus:
-//! /Current               symlink to the latest set
+//! /latest                symlink to the latest set
 //! /.versions/<path>/     every distinct version of <path>, one entry per set that wrote it
 //! /<set>/<path>          the backed-up tree as it was in that set
 //! ```
@@ -222,7 +222,7 @@ impl Shared {
                 None => Ok(None),
             },
             Inode::Versions { dir, name: path_name } => self.find_version(dir, path_name, name),
-            Inode::Current => Ok(None),
+            Inode::Latest => Ok(None),
         }
     }
 
@@ -278,8 +278,8 @@ impl Shared {
         let name = name.as_bytes();
         if let Inode::Root = *parent {
             match name {
-                n if n == sets::CURRENT.as_bytes() && self.sets.latest().is_some() => {
-                    return Ok((inodes::CURRENT, self.inode(INodeNo(inodes::CURRENT))?))
+                n if n == sets::LATEST.as_bytes() && self.sets.latest().is_some() => {
+                    return Ok((inodes::LATEST, self.inode(INodeNo(inodes::LATEST))?))
                 }
                 n if n == sets::VERSIONS.as_bytes() => {
                     return Ok((inodes::VERSIONS_ROOT, self.inode(INodeNo(inodes::VERSIONS_ROOT))?))
@@ -326,7 +326,7 @@ impl Shared {
         match inode {
             Inode::Root => dir(3 + self.sets.dirs().len() as u32),
             Inode::Versions { .. } => dir(2),
-            Inode::Current => {
+            Inode::Latest => {
                 let target = self.sets.latest().map_or(0, |s| s.name.len() as u64);
                 FileAttr { kind: FileType::Symlink, perm: 0o777, nlink: 1, size: target, ..dir(1) }
             }
@@ -371,7 +371,7 @@ impl Shared {
                     items.push(DirItem { ino, kind: FileType::Directory, name: d.name.clone().into() });
                 }
                 if self.sets.latest().is_some() {
-                    items.push(DirItem { ino: inodes::CURRENT, kind: FileType::Symlink, name: sets::CURRENT.into() });
+                    items.push(DirItem { ino: inodes::LATEST, kind: FileType::Symlink, name: sets::LATEST.into() });
                 }
                 items.push(DirItem {
                     ino: inodes::VERSIONS_ROOT,
@@ -395,7 +395,7 @@ impl Shared {
                     });
                 }
             }
-            Inode::Current => return Err(Error::Core(tardis_core::Error::Invalid("not a directory".into()))),
+            Inode::Latest => return Err(Error::Core(tardis_core::Error::Invalid("not a directory".into()))),
         }
         Ok(items)
     }
@@ -427,7 +427,7 @@ impl Shared {
                 }
                 out
             }
-            Inode::Root | Inode::Current | Inode::Versions { .. } => Vec::new(),
+            Inode::Root | Inode::Latest | Inode::Versions { .. } => Vec::new(),
         }
     }
 
@@ -583,7 +583,7 @@ impl Filesystem for TardisFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.shared.inode(ino).as_deref() {
-            Ok(Inode::Current) => match self.shared.sets.latest() {
+            Ok(Inode::Latest) => match self.shared.sets.latest() {
                 Some(s) => reply.data(s.name.as_bytes()),
                 None => reply.error(Errno::ENOENT),
             },

@@ -7,7 +7,7 @@
 //! same entry gets the same number again after it was forgotten, and `readdir` can give the
 //! number of an entry without creating it. A hash collision is resolved by probing to the next
 //! free number, which only a table lookup can see; the few inodes that are always there (the
-//! root, `Current`, `.versions`) have fixed numbers below [`FIRST_DYNAMIC`].
+//! root, `latest`, `.versions`) have fixed numbers below [`FIRST_DYNAMIC`].
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -18,8 +18,8 @@ use tardis_core::view::Node;
 
 /// The mount's root directory (the kernel's fixed root number).
 pub const ROOT: u64 = 1;
-/// The `Current` symlink.
-pub const CURRENT: u64 = 2;
+/// The `latest` symlink.
+pub const LATEST: u64 = 2;
 /// `.versions`, the history view of `/`.
 pub const VERSIONS_ROOT: u64 = 3;
 /// Hashed numbers start here.
@@ -59,10 +59,10 @@ impl Key {
 /// What the file system needs to answer for an inode.
 #[derive(Debug)]
 pub enum Inode {
-    /// The mount's root: one directory per set, `Current`, `.versions`.
+    /// The mount's root: one directory per set, `latest`, `.versions`.
     Root,
     /// The symlink to the latest set.
-    Current,
+    Latest,
     /// A set's directory; `root` is the set's stored `/` entry, if it has one.
     Set { set: SetId, root: Option<Node> },
     /// An entry of a set's tree, as seen from set `set`.
@@ -93,7 +93,7 @@ impl Default for InodeTable {
         let mut pin =
             |ino, inode| slots.insert(ino, Slot { key: None, inode: Arc::new(inode), lookups: 0, pinned: true });
         pin(ROOT, Inode::Root);
-        pin(CURRENT, Inode::Current);
+        pin(LATEST, Inode::Latest);
         pin(VERSIONS_ROOT, Inode::Versions { dir: DirId::TOP, name: tardis_core::view::ROOT_NAME.to_vec() });
         InodeTable { slots }
     }
@@ -188,9 +188,9 @@ mod tests {
         let h = entry(2).hash_ino();
         // Occupy the number entry 2 hashes to with another key.
         t.slots.insert(h, Slot { key: Some(entry(3)), inode: Arc::new(Inode::Root), lookups: 1, pinned: false });
-        let (ino, _) = t.remember(entry(2), || Inode::Current);
+        let (ino, _) = t.remember(entry(2), || Inode::Latest);
         assert_ne!(ino, h);
-        assert!(matches!(*t.get(ino).unwrap(), Inode::Current));
+        assert!(matches!(*t.get(ino).unwrap(), Inode::Latest));
         assert!(matches!(*t.get(h).unwrap(), Inode::Root));
     }
 

@@ -1,7 +1,7 @@
 //! `tardisfs`, the read-only FUSE view of a host's backups.
 //!
 //! The root of the mount has one directory per completed set, named after the set, each the
-//! backed-up tree as it was with its original metadata and extended attributes; `Current`
+//! backed-up tree as it was with its original metadata and extended attributes; `latest`
 //! links to the latest set and `.versions/<path>` lists every distinct version of a path. File
 //! data is read chunk by chunk through `tardis_core::view` and a bounded cache of decoded
 //! chunks, so opening a file in a huge set costs a few index lookups, not a walk.

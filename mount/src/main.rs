@@ -14,7 +14,7 @@ use tardis_mount::{daemon, Error, FsConfig, MountConfig, Signals, TardisFs};
 /// Mount a host's backups as a read-only file system.
 ///
 /// The root holds one directory per completed backup set, named after the set, each the
-/// backed-up tree as it was (`ls MOUNTPOINT/Daily-2026-11-26/home/ann`), a `Current` symlink to
+/// backed-up tree as it was (`ls MOUNTPOINT/Daily-2026-11-26/home/ann`), a `latest` symlink to
 /// the latest set, and `.versions/PATH/`, which lists every distinct version of PATH under the
 /// name of the set that first holds it. Writes fail with EROFS.
 ///

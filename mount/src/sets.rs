@@ -2,7 +2,7 @@
 //!
 //! Only live sets (completed, not purged) are shown. Their names come from the user
 //! (`--name`) or the schedule, so they are made safe as directory names: a `/` or NUL becomes
-//! `_`, and a name that is empty, `.`, `..`, one of the mount's own entries (`Current`,
+//! `_`, and a name that is empty, `.`, `..`, one of the mount's own entries (`latest`,
 //! `.versions`), or held by a later set, gets the suffix `~ID`. The latest set of a name keeps
 //! the plain name, which is the set `tardis-tools --set NAME` picks too.
 
@@ -11,7 +11,7 @@ use tardis_core::api::{SetInfo, SetState};
 use tardis_core::ids::SetId;
 
 /// The symlink at the root that points at the latest set.
-pub const CURRENT: &str = "Current";
+pub const LATEST: &str = "latest";
 /// The per-file history view at the root.
 pub const VERSIONS: &str = ".versions";
 
@@ -41,7 +41,7 @@ impl SetDirs {
         let all_names = sets.iter().map(|s| (s.id, s.name.clone())).collect();
         let completed = sets.iter().filter(|s| s.state == SetState::Completed).map(|s| s.id).collect();
         let live: Vec<SetInfo> = sets.into_iter().filter(SetInfo::is_live).collect();
-        let mut taken: HashSet<String> = [CURRENT, VERSIONS, ".", ".."].iter().map(|s| s.to_string()).collect();
+        let mut taken: HashSet<String> = [LATEST, VERSIONS, ".", ".."].iter().map(|s| s.to_string()).collect();
         // Newest first, so the latest set of a name keeps it.
         let mut names = vec![String::new(); live.len()];
         for (i, s) in live.iter().enumerate().rev() {
@@ -73,7 +73,7 @@ impl SetDirs {
         self.by_id.get(&id).map(|&i| &self.dirs[i])
     }
 
-    /// The latest live set, which `Current` points at.
+    /// The latest live set, which `latest` points at.
     pub fn latest(&self) -> Option<&SetDir> {
         self.dirs.last()
     }
@@ -125,12 +125,12 @@ mod tests {
             set(3, "old", Completed, true),
             set(4, "a/b", Completed, false),
             set(5, "daily", Completed, false),
-            set(6, "Current", Completed, false),
+            set(6, "latest", Completed, false),
             set(7, "", Completed, false),
             set(8, "running", Open, false),
         ]);
         let names: Vec<&str> = dirs.dirs().iter().map(|d| d.name.as_str()).collect();
-        assert_eq!(names, ["daily~1", "a_b", "daily", "Current~6", "~7"]);
+        assert_eq!(names, ["daily~1", "a_b", "daily", "latest~6", "~7"]);
         assert_eq!(dirs.by_name("daily").unwrap().info.id, 5);
         assert_eq!(dirs.latest().unwrap().info.id, 7);
         assert_eq!(dirs.name_of(3), Some("old"));

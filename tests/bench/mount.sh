@@ -29,7 +29,7 @@
 # timed step, before the verification reads). Tools interleave
 # within each run (run 1: tardis, restic, borg; run 2: ...), RUNS times; the tables give medians
 # and the ratio Tardis ÷ peer (below 1: Tardis is faster).
-# Where each tool puts the backed-up tree SRC: tardisfs MOUNT/<set>/SRC (also MOUNT/Current ->
+# Where each tool puts the backed-up tree SRC: tardisfs MOUNT/<set>/SRC (also MOUNT/latest ->
 # latest set); restic MOUNT/snapshots/latest/SRC; borg (one archive mounted, REPO::v2) MOUNT/SRC
 # without its leading slash.
 #

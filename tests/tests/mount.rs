@@ -231,10 +231,10 @@ fn two_sets_read_back_through_the_mount_as_they_were() {
     let opts = format!("database={},host=h,password=pw", db.display());
     let mut mount = Mounted::foreground(&opts, &mnt, &work.path().join("tardisfs.log"));
 
-    // The root: a directory per set, `Current`, and the hidden history view.
-    assert_eq!(names(&mnt), [".versions", "Current", "first", "second"]);
-    assert_eq!(fs::read_link(mnt.join("Current")).unwrap(), Path::new("second"));
-    assert_eq!(names(&mnt.join("Current")), names(&mnt.join("second")));
+    // The root: a directory per set, `latest`, and the hidden history view.
+    assert_eq!(names(&mnt), [".versions", "first", "latest", "second"]);
+    assert_eq!(fs::read_link(mnt.join("latest")).unwrap(), Path::new("second"));
+    assert_eq!(names(&mnt.join("latest")), names(&mnt.join("second")));
 
     // Each set is the tree as it was at its backup: content, kind, mode, owners, size, mtime,
     // device numbers, symlink targets, xattrs (ACLs included), hard-link groups, sparseness.
@@ -485,7 +485,7 @@ fn a_remote_mount_shows_the_sets_of_a_tardisd() {
 
     let args: Vec<String> = d.client_args("h", "pw", &kh).into_iter().filter(|a| a != "--host" && a != "h").collect();
     let mut m = Mounted::foreground_with(&args, "host=h", &mnt, &work.path().join("tardisfs.log"));
-    assert_eq!(names(&mnt), [".versions", "Current", "first"]);
+    assert_eq!(names(&mnt), [".versions", "first", "latest"]);
     assert_same(&m1, &mounted_manifest(&inside(&mnt.join("first"), &src)), "set first through a remote mount");
     // Readers in parallel, each over its own QUIC streams.
     std::thread::scope(|s| {
@@ -533,7 +533,7 @@ fn purged_sets_leave_the_mount_and_compacted_sets_read_back() {
 
     let opts = format!("database={},host=h,password=pw", db.display());
     let _mount = Mounted::foreground(&opts, &mnt, &work.path().join("tardisfs.log"));
-    assert_eq!(names(&mnt), [".versions", "Current", "a", "c"], "the purged set is gone");
+    assert_eq!(names(&mnt), [".versions", "a", "c", "latest"], "the purged set is gone");
     for (set, expected) in &kept {
         assert_same(expected, &mounted_manifest(&inside(&mnt.join(set), &src)), set);
     }
