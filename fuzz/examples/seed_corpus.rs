@@ -216,6 +216,10 @@ fn text_formats(corpus: &Corpus) {
     corpus.add("server_config", b"BaseDir = /srv/tardis\nAllowNewHosts = yes\n");
     corpus.add(
         "server_config",
+        b"AllowNewHosts = web1, db1 pi\nAppendOnly = web1\nPurgeInterval = 3600\nHostIdleTimeout = 60\n",
+    );
+    corpus.add(
+        "server_config",
         b"[Tardis]\n# comment\nBaseDir = /data/backup\nport=7431\nListen = ::1\nLogLevel = debug\n; x\n\
           SessionTimeout = 30\nMaxConnections = 64\nCompactInterval = 0\nCompactThreshold = 0.25\n\
           MinFreeSpace = 10G\nSpaceCheckInterval = 5\nPidFile = \"/run/tardisd.pid\"\n",
