@@ -585,6 +585,13 @@ impl Index {
         first == reader || sets.get(&first).is_some_and(|r| r.finished.is_some())
     }
 
+    /// The row that set `set` itself wrote for an entry, if any.
+    pub fn own_row(&self, dir: &DirId, name: &NameKey, set: SetId) -> Result<Option<EntryVersion>> {
+        let key = entry_key(dir, name, set);
+        let value = self.db.get_pinned_cf(self.cf(CF_ENTRIES), key).map_err(Error::index("reading entry"))?;
+        value.map(|v| decode_entry(&key, &v)).transpose()
+    }
+
     /// The version of an entry that set `set` sees.
     pub fn lookup(&self, set: SetId, dir: &DirId, name: &NameKey) -> Result<Option<FileVersion>> {
         let sets = self.sets.read().unwrap_or_else(|p| p.into_inner());

@@ -658,11 +658,22 @@ impl Repo {
                 }
                 Write::Version(v) => {
                     self.check_version(set, &v, &in_batch)?;
+                    // A client repeats a batch whose acknowledgement it lost; the version is
+                    // already the set's row, and a second record of it could, once the set is
+                    // dead and compaction keeps only the first, bring a dead row back on replay
+                    // (docs/FORMAT.md §8.8).
+                    if matches!(self.index.own_row(&v.dir, &v.name, set)?, Some(EntryVersion::Version(old)) if old == v)
+                    {
+                        continue;
+                    }
                     events.push((Event::FileVersion(v), Vec::new()));
                 }
                 Write::Delete(d) => {
                     if d.set != set {
                         return Err(Error::Refused(format!("deletion for set {} sent in set {set}", d.set)));
+                    }
+                    if self.index.own_row(&d.dir, &d.name, set)? == Some(EntryVersion::Deleted(set)) {
+                        continue;
                     }
                     events.push((Event::EntryDeleted(d), Vec::new()));
                 }

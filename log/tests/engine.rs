@@ -1478,3 +1478,26 @@ fn compaction_leaves_segments_whose_copies_do_not_fit_and_takes_them_once_they_d
     assert!(segment_bytes(dir.path()) < before - (1 << 20), "{r:?}");
     assert_eq!(read_set(&repo, &keys, two), only_a);
 }
+
+/// A client that lost the acknowledgement of a batch sends it again: nothing is written twice,
+/// so no entry of a set has two records (docs/FORMAT.md §8.8).
+#[test]
+fn a_repeated_batch_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Unencrypted, so that the same versions seal to the same bytes, as a repeated request has.
+    let keys = Keys::unencrypted(HostId([7; 16]));
+    let repo = Repo::open(dir.path(), HOST, RepoOptions::default()).unwrap();
+    repo.create_host(keys.host(), None).unwrap();
+    let set = repo.open_set("s", 1).unwrap();
+    let files = files(&[("a", "one"), ("b", "two")]);
+    let gone = ["c".to_owned()];
+    write_files(&repo, &keys, set, &files, &gone);
+    let end = repo.log_end();
+    write_files(&repo, &keys, set, &files, &gone);
+    assert_eq!(repo.log_end(), end, "the repeat adds no record");
+    // A different version of an entry is still written.
+    write_files(&repo, &keys, set, &self::files(&[("a", "changed")]), &[]);
+    assert!(repo.log_end() > end);
+    repo.complete_set(set, SetStats::default(), None).unwrap();
+    assert_eq!(read_set(&repo, &keys, set), self::files(&[("a", "changed"), ("b", "two")]));
+}
