@@ -90,7 +90,7 @@ pub fn now_override() -> Result<Option<i64>> {
 
 /// Now, in Unix nanoseconds: `TARDIS_NOW` if set, else the system clock.
 pub fn now() -> Result<i64> {
-    Ok(now_override()?.unwrap_or_else(|| chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)))
+    Ok(now_override()?.unwrap_or_else(tardis_log::clock::system_now))
 }
 
 /// How the password is given (SPEC: `--password`, `--password-file`, `--password-prompt`).

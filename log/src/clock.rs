@@ -19,3 +19,8 @@ pub fn from_env() -> Result<Option<i64>, String> {
         format!("{NOW_VAR}={v:?} is not a time: give Unix seconds or RFC 3339 (2026-01-01T00:00:00Z), or unset it")
     })
 }
+
+/// The system clock in Unix nanoseconds (0 before 1970), for when `TARDIS_NOW` is not set.
+pub fn system_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}

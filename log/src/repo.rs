@@ -17,7 +17,6 @@ use std::io::{Read, Seek, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 use tardis_core::api::{EntryVersion, HostInfo, HostKey, Repository, SetInfo, StoredChunk, Write};
 use tardis_core::chunk::MAX_CHUNK;
 use tardis_core::chunkcodec::{self, EncodedChunk};
@@ -241,10 +240,6 @@ fn seal_after(log: &mut Log) {
     }
 }
 
-fn now_nanos() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
-}
-
 impl Repo {
     /// Opens the repository of `host` under `base`, creating its directory if needed (the host
     /// itself is created by [`Repository::create_host`]). Recovers the log tail and brings the
@@ -401,7 +396,7 @@ impl Repo {
     pub fn now(&self) -> i64 {
         match &self.clock {
             Some(c) => c.load(Ordering::SeqCst),
-            None => now_nanos(),
+            None => crate::clock::system_now(),
         }
     }
 

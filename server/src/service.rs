@@ -166,9 +166,7 @@ impl Service {
     /// same time the repositories stamp sets with, so the retention schedule compares like
     /// with like.
     pub fn now(&self) -> i64 {
-        self.clock.unwrap_or_else(|| {
-            SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
-        })
+        self.clock.unwrap_or_else(tardis_log::clock::system_now)
     }
 
     /// Whether clients may create some host (what the greeting tells them).
