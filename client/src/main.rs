@@ -116,23 +116,20 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     if cli.purge {
         // After the backup, so the set just made counts as the newest one and is kept.
         let now = cli::now()?;
-        match clock_skew(repo, stats.set, now)? {
-            Some(msg) => {
-                tracing::warn!("{msg}");
-                stats.warnings.push(msg);
-            }
+        // The set is complete whatever happens here, so a skipped, refused or failed purge (a
+        // wrong clock, an append-only host, a dropped connection) is a warning, not a failure.
+        let purged = match clock_skew(repo, stats.set, now)? {
+            Some(msg) => Err(msg),
             None => {
                 let req = PurgeOptions { selection: Selection::Schedule { now }, max_priority: None, dry_run: false };
-                // The set is complete whatever happens here, so a refused or failed purge (an
-                // append-only host, a dropped connection) is a warning, not a failed backup.
-                match purge::purge(repo, &req) {
-                    Ok(purged) => stats.purged = purged.into_iter().map(|s| s.name).collect(),
-                    Err(e) => {
-                        let msg = format!("purge failed; the backup itself is complete: {e}");
-                        tracing::warn!("{msg}");
-                        stats.warnings.push(msg);
-                    }
-                }
+                purge::purge(repo, &req).map_err(|e| format!("purge failed; the backup itself is complete: {e}"))
+            }
+        };
+        match purged {
+            Ok(sets) => stats.purged = sets.into_iter().map(|s| s.name).collect(),
+            Err(msg) => {
+                tracing::warn!("{msg}");
+                stats.warnings.push(msg);
             }
         }
     }

@@ -106,6 +106,13 @@ fn open_master(info: &HostInfo, wrapped: &WrappedKey, secrets: &Secrets) -> Resu
     })
 }
 
+/// What changing the password of an unencrypted host is refused with.
+pub fn no_password_to_change(host: &str) -> Error {
+    Error::Invalid(format!(
+        "host {host} has no password to change: it was created without one, so its backups are not encrypted"
+    ))
+}
+
 /// Changes the password of the encrypted host behind `repo` from `old` to `new`: the master key
 /// is wrapped again (fresh salt, the default Argon2id cost) and stored with a new login verifier
 /// in one event. The data stays encrypted under the master key, which does not change, so
@@ -113,9 +120,7 @@ fn open_master(info: &HostInfo, wrapped: &WrappedKey, secrets: &Secrets) -> Resu
 pub fn change_password(repo: &dyn Repository, host: &str, old: &[u8], new: &[u8]) -> Result<()> {
     let info = repo.host()?.ok_or_else(|| Error::Invalid(format!("host {host} has no backups here; check --host")))?;
     if !info.encrypted {
-        return Err(Error::Invalid(format!(
-            "host {host} has no password to change: it was created without one, so its backups are not encrypted"
-        )));
+        return Err(no_password_to_change(host));
     }
     let wrapped = wrapped_key(&info)?;
     let master = open_master(&info, &wrapped, &wrapped.header().derive(old)?)?;

@@ -223,9 +223,8 @@ impl NewPassword {
 
 /// `keys`: wraps the master key under the new password.
 fn change_password(repo: &dyn Repository, host: &str, old: Option<&[u8]>, new: &NewPassword) -> Result<()> {
-    let Some(old) = old else {
-        bail!("host {host} has no password to change: it was created without one, so its backups are not encrypted");
-    };
+    // Before asking for the new password, which may be a prompt.
+    let Some(old) = old else { return Err(tardis_client::session::no_password_to_change(host).into()) };
     let new = new.read()?;
     tardis_client::session::change_password(repo, host, old, &new)?;
     println!("changed the password of host {host}; the old one no longer opens it");
