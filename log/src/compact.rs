@@ -297,18 +297,19 @@ impl crate::Repo {
             pinned_by_open_set: live.open_set,
             ..CompactReport::default()
         };
-        let kept_of = |info: &SegInfo| info.records.iter().filter(|r| is_live(r, &latest)).map(|r| r.len).sum::<u64>();
-        let mut victims: Vec<u64> = segs
+        // Each candidate with the bytes of its live records: what copying it costs.
+        let mut candidates: Vec<(u64, u64)> = segs
             .iter()
-            .filter(|(_, info)| {
+            .filter_map(|(seg, info)| {
                 // The running backup may still replace its own rows: their segments stay.
                 let holds_open_rows = live.open_set.is_some()
                     && info.records.iter().any(|r| r.class == Class::Indexed(live.open_set) && is_live(r, &latest));
                 let total: u64 = info.records.iter().map(|r| r.len).sum();
+                let kept: u64 = info.records.iter().filter(|r| is_live(r, &latest)).map(|r| r.len).sum();
                 // An empty segment (a header and nothing else) is all overhead.
-                !holds_open_rows && (total == 0 || (kept_of(info) as f64) < opts.threshold * total as f64)
+                let worth = total == 0 || (kept as f64) < opts.threshold * total as f64;
+                (!holds_open_rows && worth).then_some((kept, *seg))
             })
-            .map(|(seg, _)| *seg)
             .collect();
         // The copies are written before the segments they replace are deleted, so they need
         // free space first. Segments whose copies do not fit above the reserve kept for writes
@@ -317,20 +318,19 @@ impl crate::Repo {
         // live costs nothing and always goes.
         if let Some(space) = storage.space().map_err(|e| Error::io("checking free space of", storage.describe(0), e))? {
             let mut room = space.free.saturating_sub(space.reserve());
-            let mut by_cost: Vec<(u64, u64)> = victims.iter().map(|s| (kept_of(&segs[s]), *s)).collect();
-            by_cost.sort_unstable();
-            victims.clear();
-            for (cost, seg) in by_cost {
+            candidates.sort_unstable();
+            candidates.retain(|&(cost, _)| {
                 if cost <= room {
                     room -= cost;
-                    victims.push(seg);
-                } else {
-                    // The first one skipped is the cheapest: its shortfall is reported.
-                    report.short_of_space.get_or_insert((0, cost - room)).0 += 1;
+                    return true;
                 }
-            }
-            victims.sort_unstable();
+                // The first one skipped is the cheapest: its shortfall is reported.
+                report.short_of_space.get_or_insert((0, cost - room)).0 += 1;
+                false
+            });
         }
+        let mut victims: Vec<u64> = candidates.into_iter().map(|(_, seg)| seg).collect();
+        victims.sort_unstable();
         if let Some((n, need)) = report.short_of_space {
             tracing::warn!(
                 host = self.host_name(),
