@@ -52,17 +52,20 @@ pub const MARCH_1: i64 = 1_772_323_200;
 
 /// Runs a program on host `h` (password `pw`) of the repository `db`, at [`MARCH_1`] in UTC.
 pub fn on_host(db: &Path, program: &str, args: &[&str]) -> Output {
-    Command::new(bin(program))
-        .arg("--db")
+    host_command(db, program).args(args).output().expect("program starts")
+}
+
+/// The command [`on_host`] runs, before its own arguments, for callers that add to it.
+pub fn host_command(db: &Path, program: &str) -> Command {
+    let mut cmd = Command::new(bin(program));
+    cmd.arg("--db")
         .arg(db)
         .args(["--host", "h", "--password", "pw"])
-        .args(args)
         .env_remove("TARDIS_DB")
         .env_remove("TARDIS_HOST")
         .env("TARDIS_NOW", MARCH_1.to_string())
-        .env("TZ", "UTC")
-        .output()
-        .expect("program starts")
+        .env("TZ", "UTC");
+    cmd
 }
 
 /// The standard output of a program that must have succeeded.

@@ -11,8 +11,8 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use tardis_tests::{assert_same, bin, manifest, noise, ok, set_mtime, MARCH_1};
+use std::process::Output;
+use tardis_tests::{assert_same, host_command, manifest, noise, ok, set_mtime};
 
 /// Where the fixtures' trees were backed up from. The sets record this path; it need not exist.
 const SOURCE: &str = "/tmp/tardis-format-fixture/src";
@@ -64,18 +64,7 @@ fn stamp(root: &Path) {
 /// has seen in `state`: every fixture has the same host ID in every run, so the machine's own
 /// state directory would take the set a run adds for a rollback in the next.
 fn on_host(db: &Path, state: &Path, program: &str, args: &[&str]) -> Output {
-    Command::new(bin(program))
-        .arg("--db")
-        .arg(db)
-        .args(["--host", "h", "--password", "pw"])
-        .args(args)
-        .env_remove("TARDIS_DB")
-        .env_remove("TARDIS_HOST")
-        .env("TARDIS_STATE_DIR", state)
-        .env("TARDIS_NOW", MARCH_1.to_string())
-        .env("TZ", "UTC")
-        .output()
-        .expect("program starts")
+    host_command(db, program).args(args).env("TARDIS_STATE_DIR", state).output().expect("program starts")
 }
 
 fn fixtures() -> PathBuf {

@@ -7,7 +7,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use tardis_tests::{assert_same, bin, change_every_kind, du, every_kind_tree, manifest, noise, run, run_s};
+use tardis_tests::{assert_same, bin, change_every_kind, du, every_kind_tree, manifest, noise, on_host, run, run_s};
 
 /// The shared tree of every kind of entry, plus a socket (skipped with a note).
 fn build_tree(root: &Path) {
@@ -563,23 +563,8 @@ fn files_that_break_backup_tools_round_trip() {
     drop(f);
     let want = manifest(&src);
 
-    let out = run(
-        "tardis",
-        &[
-            "--local".as_ref(),
-            "--db".as_ref(),
-            db.as_os_str(),
-            "--host".as_ref(),
-            "h".as_ref(),
-            "--password".as_ref(),
-            "pw".as_ref(),
-            "--name".as_ref(),
-            "edges".as_ref(),
-            "--json".as_ref(),
-            src.as_os_str(),
-            huge_dir.as_os_str(),
-        ],
-    );
+    let paths = [src.to_str().unwrap(), huge_dir.to_str().unwrap()];
+    let out = on_host(&db, "tardis", &["--local", "--name", "edges", "--json", paths[0], paths[1]]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(stats["bytes_read"].as_u64().unwrap() < 1 << 30, "the holes were not read: {stats}");
@@ -600,9 +585,6 @@ fn files_that_break_backup_tools_round_trip() {
     assert_eq!(read_at(&restored_huge, (4 << 30) + 100_000, 100_000), vec![0u8; 100_000]);
 
     // Verify reads every chunk back.
-    let v = run_s(
-        "tardis-tools",
-        &["--db", db.to_str().unwrap(), "--host", "h", "--password", "pw", "verify", "--read-data"],
-    );
+    let v = on_host(&db, "tardis-tools", &["verify", "--read-data"]);
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }

@@ -31,6 +31,26 @@ fn on_server(d: &Daemon, host: &str, pw: &str, args: &[&str]) -> Output {
     cmd.output().unwrap()
 }
 
+/// Starts `tardis` backing up `src` as set `name` of host h (password pw), and returns once the
+/// daemon has opened that set, so that the run can be paused in the middle of its work.
+fn start_run(d: &Daemon, kh: &Path, name: &str, src: &Path) -> std::process::Child {
+    let opened = d.log().matches("set opened").count();
+    let client = Command::new(bin("tardis"))
+        .args(d.client_args("h", "pw", kh))
+        .args(["--name", name])
+        .arg(src)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.log().matches("set opened").count() == opened {
+        assert!(Instant::now() < deadline, "run {name} never opened its set:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    client
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -943,20 +963,7 @@ fn verify_runs_on_the_server_while_the_daemon_serves_other_hosts() {
     // While a run holds the host, it stays open however long the run is silent, and a program
     // on the server is refused with a clear message; the run then finishes.
     fs::write(src.join("big"), noise(48 << 20, 7)).unwrap();
-    let opened = d.log().matches("set opened").count();
-    let client = Command::new(bin("tardis"))
-        .args(d.client_args("h", "pw", &kh))
-        .args(["--name", "paused"])
-        .arg(&src)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while d.log().matches("set opened").count() == opened {
-        assert!(Instant::now() < deadline, "the paused run never opened its set:\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let client = start_run(&d, &kh, "paused", &src);
     let pid = nix::unistd::Pid::from_raw(client.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     std::thread::sleep(Duration::from_secs(4));
@@ -1102,20 +1109,7 @@ fn a_client_paused_past_its_claim_while_the_daemon_compacts_loses_nothing() {
     fs::write(src.join("f"), noise(2 << 20, 0)).unwrap();
     fs::write(src.join("g"), noise(48 << 20, 9)).unwrap();
     let want = manifest(&src);
-    let opened = d.log().matches("set opened").count();
-    let client = Command::new(bin("tardis"))
-        .args(d.client_args("h", "pw", &kh))
-        .args(["--name", "paused"])
-        .arg(&src)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while d.log().matches("set opened").count() == opened {
-        assert!(Instant::now() < deadline, "the run never opened its set:\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let client = start_run(&d, &kh, "paused", &src);
     // Paused past its claim (1 s) and past the connection's idle timeout (20 s), while old is
     // purged and the daemon compacts every second: the open set keeps every chunk, so the run
     // either finishes with all its chunks stored or is refused; it must not lose data.
